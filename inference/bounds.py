@@ -1,0 +1,496 @@
+r"""Log importance weights for any Pyro model/guide pair, and the bounds built from them.
+
+For a model p(x, z) and guide q(z | x), with z_k ~ q(z | x),
+
+    log w_k = log p(x, z_k) - log q(z_k | x),    k = 1..K,
+
+per datapoint along the data plate. From them
+
+    ELBO     = mean_k log w_k                    (Kingma & Welling 2014)
+    IWAE_K   = logsumexp_k log w_k - log K       (Burda, Grosse & Salakhutdinov 2016)
+
+with E[ELBO] = IWAE_1 <= E[IWAE_K] <= E[IWAE_K'] <= log p(x) for K <= K', and
+IWAE_K -> log p(x) as K -> infinity.
+
+Plate scales (minibatch subsampling, ``poutine.scale``) are *not* applied to
+log weights: they are per datapoint. Objectives multiply per-datapoint bounds
+by the scale afterwards, never inside a logsumexp.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.kl import kl_divergence
+from pyro.poutine.util import site_is_subsample
+from tqdm.auto import tqdm
+
+PARTICLE_PLATE = "_elbolab_particles"
+
+
+def logsumexp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``log sum exp(x)`` along ``dim`` with the max shift; all ``-inf`` gives ``-inf``, not NaN.
+
+    Computes ``a + log sum exp(x_i - a)`` with ``a = max_i x_i`` (taken as 0
+    when it is infinite, so that ``-inf - (-inf)`` never occurs).
+    """
+    shift = x.detach().amax(dim, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    return (x - shift).exp().sum(dim).log() + shift.squeeze(dim)
+
+
+# ---------------------------------------------------------------------------
+# Tracing with vectorised particles
+# ---------------------------------------------------------------------------
+
+
+def _sample_sites(trace) -> Iterable[dict]:
+    for site in trace.nodes.values():
+        if (
+            site["type"] == "sample"
+            and not site_is_subsample(site)
+            and not site["infer"].get("_deterministic")
+        ):
+            yield site
+
+
+def guess_max_plate_nesting(model: Callable, guide: Callable, args, kwargs) -> int:
+    """How many vectorised plates the model and guide nest (a dry run, like Pyro's ELBO)."""
+    with poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        values = _latent_values(guide_trace)
+        model_trace = poutine.trace(poutine.condition(model, data=values)).get_trace(
+            *args, **kwargs
+        )
+    dims = [
+        -frame.dim
+        for trace in (guide_trace, model_trace)
+        for site in _sample_sites(trace)
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized and frame.dim is not None
+    ]
+    return max(dims, default=0)
+
+
+def _latent_values(guide_trace) -> dict[str, torch.Tensor]:
+    # Every guide site is a latent of the model, also when the guide was conditioned.
+    return {s["name"]: s["value"] for s in _sample_sites(guide_trace)}
+
+
+@dataclass
+class Layout:
+    """Where the particle and data dimensions sit in every site's batch shape."""
+
+    num_particles: int
+    max_plate_nesting: int
+    plate: str | None
+    plate_dim: int | None = None  # negative batch dim of the data plate, once found
+    plate_size: int | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.max_plate_nesting + 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.plate_dim is None:
+            return (self.num_particles,)
+        return (self.num_particles, self.plate_size)
+
+    def find_plate(self, *traces) -> None:
+        """Record the data plate's dim and (subsample) size, if any site lies in it."""
+        if self.plate is None:
+            return
+        for trace in traces:
+            for site in _sample_sites(trace):
+                for frame in site["cond_indep_stack"]:
+                    if frame.name == self.plate:
+                        if frame.dim is None:
+                            raise ValueError(
+                                f"plate {self.plate!r} is sequential; per-datapoint weights "
+                                "need a vectorised plate"
+                            )
+                        self.plate_dim, self.plate_size = frame.dim, frame.size
+                        return
+
+    def reduce(self, site: dict, log_prob: torch.Tensor) -> torch.Tensor:
+        """Sum a site's log density over every batch dim but particles (and data plate)."""
+        mask = site["mask"]
+        if mask is False:
+            log_prob = torch.zeros_like(log_prob)
+        elif isinstance(mask, torch.Tensor):
+            log_prob = torch.where(mask, log_prob, torch.zeros_like(log_prob))
+        if log_prob.dim() > self.rank:
+            raise ValueError(
+                f"site {site['name']!r} has batch shape {tuple(log_prob.shape)} with more dims "
+                f"than its {self.max_plate_nesting} plate(s)"
+            )
+        log_prob = log_prob.reshape((1,) * (self.rank - log_prob.dim()) + log_prob.shape)
+        if self.plate_dim is None:
+            return log_prob.sum(tuple(range(1, self.rank))).expand(self.shape)
+        if not any(f.name == self.plate for f in site["cond_indep_stack"]):
+            raise ValueError(
+                f"site {site['name']!r} lies outside plate {self.plate!r}: per-datapoint log "
+                "weights need every sample site inside it (pass plate=None for joint weights)"
+            )
+        keep = self.rank + self.plate_dim
+        others = tuple(d for d in range(1, self.rank) if d != keep)
+        if others:
+            log_prob = log_prob.sum(others, keepdim=True)
+        return log_prob.reshape(log_prob.shape[0], log_prob.shape[keep]).expand(self.shape)
+
+    def expand_factor(self, factor: torch.Tensor, value: torch.Tensor, event_dim: int):
+        """Reshape a (K, N) or (K,) factor to broadcast against a site value."""
+        shape = [1] * value.dim()
+        batch_start = value.dim() - event_dim - self.rank
+        shape[batch_start] = self.num_particles
+        if self.plate_dim is not None:
+            shape[value.dim() - event_dim + self.plate_dim] = self.plate_size
+        return factor.reshape(shape)
+
+
+@dataclass
+class WeightedSample:
+    """Per-particle log densities of one vectorised draw from the guide."""
+
+    log_p: torch.Tensor  # (K, N) or (K,)
+    log_q: torch.Tensor
+    layout: Layout
+    guide_trace: object
+    model_trace: object
+
+    @property
+    def log_w(self) -> torch.Tensor:
+        return self.log_p - self.log_q
+
+    def scale(self) -> float | torch.Tensor:
+        """The one scale (e.g. N/B from subsampling) shared by every scored site."""
+        scales = {
+            float(s["scale"]) if not isinstance(s["scale"], torch.Tensor) else s["scale"].item()
+            for t in (self.guide_trace, self.model_trace)
+            for s in _sample_sites(t)
+        }
+        if len(scales) > 1:
+            raise ValueError(
+                f"sites carry different scales {sorted(scales)}; a per-datapoint bound needs "
+                "one scale for the whole model and guide"
+            )
+        return scales.pop() if scales else 1.0
+
+
+def trace_guide(guide: Callable, args, kwargs, layout: Layout, *, values=None):
+    """Trace the guide under the particle plate; conditioned on ``values`` when given."""
+    guided = guide if values is None else poutine.condition(guide, data=values)
+    with pyro.plate(PARTICLE_PLATE, layout.num_particles, dim=-layout.rank):
+        trace = poutine.trace(guided).get_trace(*args, **kwargs)
+    if layout.plate_dim is None:
+        layout.find_plate(trace)
+    return trace
+
+
+def trace_model(model: Callable, args, kwargs, layout: Layout, *, values):
+    """Trace the model under the particle plate with its latent sites set to ``values``."""
+    with pyro.plate(PARTICLE_PLATE, layout.num_particles, dim=-layout.rank):
+        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+    if layout.plate_dim is None:
+        layout.find_plate(trace)
+    for site in _sample_sites(trace):
+        if not site["is_observed"]:
+            raise ValueError(
+                f"model site {site['name']!r} is latent but the guide does not sample it"
+            )
+    return trace
+
+
+def log_density(trace, layout: Layout) -> torch.Tensor:
+    """Sum of every sample site's log density, reduced to ``layout.shape``."""
+    terms = [layout.reduce(s, s["fn"].log_prob(s["value"])) for s in _sample_sites(trace)]
+    return sum(terms[1:], terms[0]) if terms else torch.zeros(layout.shape)
+
+
+def weighted_sample(
+    model: Callable,
+    guide: Callable,
+    args,
+    kwargs,
+    layout: Layout,
+    *,
+    values: dict[str, torch.Tensor] | None = None,
+) -> WeightedSample:
+    """Draw K particles from the guide in one vectorised pass and score them under the model.
+
+    With ``values``, the guide's sites are set to them instead of sampled.
+    """
+    guide_trace = trace_guide(guide, args, kwargs, layout, values=values)
+    values = _latent_values(guide_trace)
+    model_trace = trace_model(model, args, kwargs, layout, values=values)
+    return WeightedSample(
+        log_density(model_trace, layout),
+        log_density(guide_trace, layout),
+        layout,
+        guide_trace,
+        model_trace,
+    )
+
+
+def log_importance_weights(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_particles: int,
+    chunk_size: int | None = None,
+    plate: str | None = "data",
+    **kwargs,
+) -> torch.Tensor:
+    r"""Log importance weights ``log p(x, z_k) - log q(z_k | x)`` for any model/guide pair.
+
+    Particles are vectorised with an outer plate to the left of every plate
+    of the model and guide, and drawn in chunks of ``chunk_size`` so that
+    memory stays bounded for large K. Gradients are not tracked.
+
+    Parameters
+    ----------
+    model, guide : callable
+        A Pyro model and guide taking ``*args, **kwargs``. Every latent site of
+        the model must be sampled by the guide.
+    *args, **kwargs
+        Passed to both.
+    num_particles : int
+        K, the number of draws from the guide.
+    chunk_size : int, optional
+        Particles per vectorised pass (default: all K at once).
+    plate : str or None
+        Name of the data plate. Log densities are summed over every other
+        batch dimension.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape (K, N) when the model's sites lie in a plate named ``plate``
+        (N = its subsample size), shape (K,) when there is no such plate.
+        Plate scales are not applied. Impossible draws give ``-inf``, never NaN.
+
+    References
+    ----------
+    Burda, Grosse & Salakhutdinov (2016), Importance Weighted Autoencoders, ICLR.
+    """
+    if num_particles < 1:
+        raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+    chunk_size = num_particles if chunk_size is None else int(chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    with torch.no_grad():
+        nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        chunks = []
+        for start in range(0, num_particles, chunk_size):
+            size = min(chunk_size, num_particles - start)
+            layout = Layout(size, nesting, plate)
+            chunk = weighted_sample(model, guide, args, kwargs, layout).log_w
+            assert chunk.shape[0] == size
+            chunks.append(chunk)
+    return torch.cat(chunks, 0)
+
+
+# ---------------------------------------------------------------------------
+# Bounds from log weights
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A bound per datapoint with its Monte Carlo standard error (same shape)."""
+
+    value: torch.Tensor
+    stderr: torch.Tensor
+
+    def mean(self) -> tuple[float, float]:
+        """Average over datapoints and the standard error of that average.
+
+        The error is Monte Carlo only (the datapoints are fixed):
+        ``sqrt(sum_n stderr_n^2) / N``.
+        """
+        n = self.value.numel()
+        return float(self.value.mean()), float(self.stderr.pow(2).sum().sqrt() / n)
+
+
+def elbo_bound(log_w: torch.Tensor) -> Bound:
+    """ELBO = mean_k log w_k per datapoint, standard error std_k / sqrt(K).
+
+    Parameters
+    ----------
+    log_w : torch.Tensor
+        Shape (K, ...), particles first.
+    """
+    num = log_w.shape[0]
+    value = log_w.mean(0)
+    if num > 1:
+        stderr = log_w.std(0) / math.sqrt(num)
+    else:
+        stderr = torch.full_like(value, math.inf)
+    stderr = torch.where(torch.isfinite(value), stderr, torch.full_like(stderr, math.inf))
+    return Bound(value, stderr)
+
+
+def iwae_bound(log_w: torch.Tensor, *, k: int | None = None) -> Bound:
+    r"""IWAE_k = logsumexp_k log w_k - log k per datapoint, with a standard error.
+
+    With ``k`` smaller than the K rows of ``log_w``, the rows are split into
+    G = K // k disjoint groups and the G independent IWAE_k estimates are
+    averaged (rows beyond G k are unused); the standard error is their
+    spread, std_g / sqrt(G). With one group (k = K) it follows from the delta
+    method, Var[log Z^] ~ Var[w] / (k E[w]^2), estimated by
+    ``sum_k wbar_k^2 - 1/k`` = 1/ESS - 1/k with wbar the normalised weights;
+    that estimate is optimistic when the weights are heavy-tailed (check the
+    PSIS k-hat).
+
+    Parameters
+    ----------
+    log_w : torch.Tensor
+        Shape (K, ...), particles first.
+    k : int, optional
+        Particles per estimate (default K).
+
+    References
+    ----------
+    Burda, Grosse & Salakhutdinov (2016), Importance Weighted Autoencoders, ICLR.
+    """
+    total = log_w.shape[0]
+    k = total if k is None else int(k)
+    if not 1 <= k <= total:
+        raise ValueError(f"k must be between 1 and the {total} particles available, got {k}")
+    groups = total // k
+    grouped = log_w[: groups * k].reshape(groups, k, *log_w.shape[1:])
+    lse = logsumexp(grouped, dim=1)
+    value = lse - math.log(k)
+    if groups > 1:
+        stderr = value.std(0) / math.sqrt(groups)
+    else:
+        normalised = (grouped[0] - lse).exp()
+        stderr = (normalised.pow(2).sum(0) - 1.0 / k).clamp(min=0.0).sqrt()
+    mean = value.mean(0)
+    stderr = torch.where(torch.isfinite(mean), stderr, torch.full_like(stderr, math.inf))
+    return Bound(mean, stderr)
+
+
+def elbo_decomposition(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_particles: int = 100,
+    plate: str | None = "data",
+    **kwargs,
+) -> dict[str, torch.Tensor]:
+    r"""Split the ELBO into reconstruction and KL terms, per datapoint.
+
+    ELBO = E_q[log p(x | z)] - KL(q(z | x) || p(z)), with KL = CE - H where
+    H = -E_q[log q] is the guide's entropy and CE = -E_q[log p(z)] the cross
+    entropy. KL and H are analytic where torch knows them for a site's pair
+    of distributions, Monte Carlo over ``num_particles`` draws otherwise.
+
+    Returns
+    -------
+    dict
+        ``reconstruction``, ``kl``, ``entropy``, ``cross_entropy``, ``elbo``,
+        each (N,) (or scalar without a data plate), and ``kl_analytic`` (bool).
+    """
+    with torch.no_grad():
+        nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        layout = Layout(num_particles, nesting, plate)
+        sample = weighted_sample(model, guide, args, kwargs, layout)
+        guide_sites = {s["name"]: s for s in _sample_sites(sample.guide_trace)}
+        # Conditioned latent sites are marked observed in the model trace: tell them by name.
+        recon = kl = entropy = torch.zeros(layout.shape, device=sample.log_w.device)
+        analytic = True
+        for site in _sample_sites(sample.model_trace):
+            log_p = layout.reduce(site, site["fn"].log_prob(site["value"]))
+            if site["name"] not in guide_sites:
+                recon = recon + log_p
+                continue
+            q_site = guide_sites[site["name"]]
+            log_q = layout.reduce(q_site, q_site["fn"].log_prob(q_site["value"]))
+            try:
+                kl = kl + layout.reduce(q_site, kl_divergence(q_site["fn"], site["fn"]))
+            except NotImplementedError:
+                analytic = False
+                kl = kl + log_q - log_p
+            try:
+                entropy = entropy + layout.reduce(q_site, q_site["fn"].entropy())
+            except NotImplementedError:
+                entropy = entropy - log_q
+        recon, kl, entropy = recon.mean(0), kl.mean(0), entropy.mean(0)
+    return {
+        "reconstruction": recon,
+        "kl": kl,
+        "entropy": entropy,
+        "cross_entropy": kl + entropy,
+        "elbo": recon - kl,
+        "kl_analytic": analytic,
+    }
+
+
+def evaluate_bounds(
+    model: Callable,
+    guide: Callable,
+    data: torch.Tensor,
+    *,
+    ks: Sequence[int],
+    batch_size: int = 100,
+    max_rows: int = 20_000,
+    decomposition_particles: int = 100,
+    progress: bool = True,
+) -> dict:
+    """ELBO, IWAE-k for every k in ``ks`` and the ELBO decomposition over a data set.
+
+    For each batch of datapoints, max(ks) particles are drawn (in chunks of
+    about ``max_rows / batch_size`` so that memory stays bounded), the IWAE-k
+    estimates use disjoint groups of k of them, and the ELBO uses all of them.
+
+    Returns
+    -------
+    dict
+        ``"elbo"`` and ``"iwae"`` (a dict k -> :class:`Bound`) with per-datapoint
+        values, and ``"decomposition"`` (per-datapoint tensors).
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    k_max = ks[-1]
+    chunk = max(1, max_rows // batch_size)
+    parts: dict[str, list[torch.Tensor]] = {}
+
+    def add(name: str, tensor: torch.Tensor) -> None:
+        parts.setdefault(name, []).append(tensor)
+
+    batches = range(0, data.shape[0], batch_size)
+    for start in tqdm(batches, desc=f"IWAE-{k_max}", disable=not progress, leave=False):
+        xb = data[start : start + batch_size]
+        log_w = log_importance_weights(model, guide, xb, num_particles=k_max, chunk_size=chunk)
+        elbo = elbo_bound(log_w)
+        add("elbo", elbo.value)
+        add("elbo_se", elbo.stderr)
+        for k in ks:
+            bound = iwae_bound(log_w, k=k)
+            add(f"iwae{k}", bound.value)
+            add(f"iwae{k}_se", bound.stderr)
+        parts_dec = elbo_decomposition(
+            model, guide, xb, num_particles=min(decomposition_particles, k_max)
+        )
+        for name, value in parts_dec.items():
+            if name != "kl_analytic":
+                add(name, value)
+        add("kl_analytic", torch.tensor([parts_dec["kl_analytic"]]))
+    cat = {name: torch.cat(values) for name, values in parts.items()}
+    return {
+        "elbo": Bound(cat["elbo"], cat["elbo_se"]),
+        "iwae": {k: Bound(cat[f"iwae{k}"], cat[f"iwae{k}_se"]) for k in ks},
+        "decomposition": {
+            name: cat[name]
+            for name in ("reconstruction", "kl", "entropy", "cross_entropy", "elbo")
+        },
+        "kl_analytic": bool(cat["kl_analytic"].all()),
+    }

@@ -1,0 +1,180 @@
+"""The ``elbolab`` command: train, evaluate, demo.
+
+User mistakes (bad flags, missing files, bad data, a diverged run) end with a
+one-line ``elbolab: error: ...`` message and a non-zero exit status, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .data import DATASETS, DataError
+from .objectives import OBJECTIVES
+from .runs import RunError, TrainConfig, read_metrics
+
+USER_ERRORS = (DataError, RunError)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from ppl_models import MODELS
+
+    p.add_argument("--model", choices=MODELS, help="model (default vae)")
+    p.add_argument("--data", choices=DATASETS, help="data set (default digits)")
+    p.add_argument("--data-path", help="binarized MNIST .npz or .amat folder (or ELBOLAB_DATA)")
+    p.add_argument("--objective", choices=OBJECTIVES, help="training objective (default iwae)")
+    p.add_argument("--num-particles", type=int, help="K, particles per datapoint (default 5)")
+    p.add_argument("--epochs", type=int, help="epochs (default 20)")
+    p.add_argument("--batch-size", type=int, help="minibatch size (default 128)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--hidden", type=_int_list, help="hidden widths, e.g. 200,200")
+    p.add_argument("--z-dim", type=int, help="latent dimension")
+    p.add_argument("--activation", help="hidden nonlinearity (default tanh)")
+    p.add_argument("--guide-type", choices=("exact", "diagonal"), help="linear-gaussian guide")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _config_from(args: argparse.Namespace) -> TrainConfig:
+    config = TrainConfig()
+    for field in (
+        "model", "data", "data_path", "objective", "num_particles", "epochs", "batch_size",
+        "lr", "hidden", "z_dim", "activation", "guide_type", "seed", "device",
+    ):  # fmt: skip
+        value = getattr(args, field, None)
+        if value is not None:
+            setattr(config, field, value)
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .svi import train
+
+    config = _config_from(args)
+    train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    last = read_metrics(args.out)[-1]
+    heldout = next(k for k in last if k.endswith("_elbo"))
+    print(
+        f"trained {last['epoch']} epochs in {last['elapsed']:.1f} s: training bound "
+        f"{last['train_bound']:.3f}, {heldout.replace('_', ' ')} {last[heldout]:.3f} nats; "
+        f"run in {args.out}"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run, format_report
+
+    report = evaluate_run(
+        args.run,
+        ks=args.k,
+        split=args.split,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print(format_report(report))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run, format_report
+    from .plots import plot_images, plot_iwae_ladder, plot_training
+    from .runs import load_run
+    from .svi import train
+
+    tic = time.perf_counter()
+    out = Path(args.out)
+    if (out / "config.json").exists():
+        raise RunError(f"{out} already holds a run; remove it or pass another --out")
+    config = TrainConfig(
+        model="vae", data="digits", objective="iwae", num_particles=5,
+        epochs=args.epochs, batch_size=128, seed=args.seed,
+    )  # fmt: skip
+    print(f"elbolab demo: VAE on digits, IWAE objective with K=5, {args.epochs} epochs")
+    train(config, out, progress=not args.no_progress)
+    report = evaluate_run(out, ks=(1, 10, 100, 1000), split="test", seed=args.seed,
+                          progress=not args.no_progress)  # fmt: skip
+    print(format_report(report))
+    _, dataset, model = load_run(out)
+    x = dataset.split("test")[:10]
+    plots = [
+        plot_iwae_ladder(report, out / "iwae_ladder.png"),
+        plot_training(read_metrics(out), out / "training.png"),
+        plot_images([("data", x), ("reconstruction", model.reconstruct(x))],
+                    out / "reconstructions.png"),  # fmt: skip
+        plot_images([("samples", model.sample(10))], out / "samples.png"),
+    ]
+    print("plots: " + ", ".join(str(p) for p in plots))
+    print(f"demo finished in {time.perf_counter() - tic:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="elbolab",
+        description="Train Pyro models and measure their bounds: ELBO, IWAE-K, log p(x).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model with SVI into a run directory")
+    _add_train_flags(p)
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="ELBO, IWAE-k and log p(x) of a trained run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--k", type=_int_list, default=[1, 10, 100, 1000], help="e.g. 1,10,100,1000")
+    p.add_argument("--split", default="test", help="data split (default test)")
+    p.add_argument("--batch-size", type=int, default=100, help="datapoints per pass")
+    p.add_argument("--limit", type=int, help="evaluate only the first N datapoints")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="train on digits, evaluate, and plot (about a minute)")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--epochs", type=int, default=150, help="epochs (default 150)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``elbolab`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .svi import TrainingDiverged
+
+    try:
+        return args.func(args)
+    except (*USER_ERRORS, TrainingDiverged) as err:
+        print(f"elbolab: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("elbolab: interrupted; checkpoints already written are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

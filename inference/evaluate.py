@@ -1,0 +1,143 @@
+"""``elbolab evaluate``: bounds of a trained run on one split, as a table and ``eval.json``."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+
+from .bounds import evaluate_bounds
+from .runs import RunError, load_run, write_json
+
+EVAL = "eval.json"
+EVAL_DATAPOINTS = "eval_datapoints.npz"
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    ks: Sequence[int] = (1, 10, 100, 1000),
+    split: str = "test",
+    seed: int = 0,
+    batch_size: int = 100,
+    limit: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Evaluate ELBO, IWAE-k and the ELBO decomposition of a trained run; write ``eval.json``.
+
+    Parameters
+    ----------
+    run_dir : path-like
+        A run directory written by ``elbolab train``.
+    ks : sequence of int
+        Particle counts; log p(x) is reported as IWAE with the largest.
+    split : str
+        Data split to evaluate.
+    seed : int
+        Seed of the particles; the same seed gives the same numbers.
+    batch_size : int
+        Datapoints per vectorised pass.
+    limit : int, optional
+        Evaluate only the first ``limit`` datapoints of the split.
+
+    Returns
+    -------
+    dict
+        The contents written to ``eval.json``.
+    """
+    run_dir = Path(run_dir)
+    if not ks or min(ks) < 1:
+        raise RunError(f"--k needs positive particle counts, got {list(ks)}")
+    if limit is not None and limit < 1:
+        raise RunError(f"--limit must be >= 1, got {limit}")
+    config, dataset, model = load_run(run_dir, device=device)
+    x = dataset.split(split)[:limit].to(device)
+    pyro.set_rng_seed(seed)
+    tic = time.perf_counter()
+    result = evaluate_bounds(
+        model.model, model.guide, x, ks=ks, batch_size=batch_size, progress=progress
+    )
+    seconds = time.perf_counter() - tic
+    k_max = max(ks)
+    log_px = result["iwae"][k_max]
+    report = {
+        "run": str(run_dir),
+        "split": split,
+        "num_datapoints": int(x.shape[0]),
+        "seed": seed,
+        "data": config.data,
+        "binarization": dataset.binarization,
+        "seconds": seconds,
+        "elbo": _summary(result["elbo"]),
+        "iwae": {str(k): _summary(b) for k, b in result["iwae"].items()},
+        "log_px": {**_summary(log_px), "k": k_max, "estimator": f"IWAE-{k_max}"},
+        "decomposition": {
+            name: float(v.mean()) for name, v in result["decomposition"].items()
+        },
+        "kl_analytic": result["kl_analytic"],
+        "stderr_note": "Monte Carlo standard error of the split average (datapoints fixed)",
+    }
+    truth = getattr(dataset, "truth", None)
+    if hasattr(model, "log_marginal"):
+        with torch.no_grad():
+            report["exact_log_px"] = float(model.log_marginal(x).mean())
+    if truth is not None:
+        with torch.no_grad():
+            report["generating_model_log_px"] = float(truth.log_marginal(x.cpu()).mean())
+    write_json(run_dir / EVAL, report)
+    per_point = {"elbo": result["elbo"].value, **{f"iwae{k}": b.value for k, b in result["iwae"].items()}}
+    np.savez_compressed(
+        run_dir / EVAL_DATAPOINTS, **{k: v.cpu().numpy() for k, v in per_point.items()}
+    )
+    return report
+
+
+def _summary(bound) -> dict:
+    mean, stderr = bound.mean()
+    return {"mean": mean, "stderr": stderr}
+
+
+def format_report(report: dict) -> str:
+    """The bound table of an ``eval.json`` report, as printed by ``elbolab evaluate``."""
+    lines = [
+        f"{report['run']}: {report['split']} split, {report['num_datapoints']} datapoints, "
+        f"{report['data']} ({report['binarization']}), seed {report['seed']}",
+        f"{'bound':<14}{'nats':>12}{'stderr':>10}",
+    ]
+
+    def row(name, summary):
+        lines.append(f"{name:<14}{summary['mean']:>12.3f}{summary['stderr']:>10.3f}")
+
+    row("ELBO", report["elbo"])
+    for k, summary in report["iwae"].items():
+        row(f"IWAE-{k}", summary)
+    dec = report["decomposition"]
+    kind = "analytic" if report["kl_analytic"] else "Monte Carlo"
+    lines.append(
+        f"decomposition: reconstruction {dec['reconstruction']:.3f}, KL(q||p) {dec['kl']:.3f} "
+        f"({kind}), entropy {dec['entropy']:.3f}"
+    )
+    log_px = report["log_px"]
+    lines.append(
+        f"log p(x) ~ {log_px['mean']:.3f} +- {log_px['stderr']:.3f} ({log_px['estimator']}); "
+        f"gap log p(x) - ELBO >= {log_px['mean'] - report['elbo']['mean']:.3f}"
+    )
+    if "exact_log_px" in report:
+        lines.append(f"exact log p(x) of this model: {report['exact_log_px']:.3f}")
+    if "generating_model_log_px" in report:
+        lines.append(f"log p(x) under the generating model: {report['generating_model_log_px']:.3f}")
+    lines.append(f"({report['seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def iwae_ladder(report: dict) -> tuple[list[int], list[float], list[float]]:
+    """(k, mean, stderr) of the IWAE bounds in a report, sorted by k."""
+    items = sorted((int(k), v["mean"], v["stderr"]) for k, v in report["iwae"].items())
+    ks, means, errs = zip(*items, strict=True) if items else ((), (), ())
+    return list(ks), list(means), [e if math.isfinite(e) else 0.0 for e in errs]
