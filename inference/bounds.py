@@ -60,8 +60,12 @@ def _sample_sites(trace) -> Iterable[dict]:
 
 
 def guess_max_plate_nesting(model: Callable, guide: Callable, args, kwargs) -> int:
-    """How many vectorised plates the model and guide nest (a dry run, like Pyro's ELBO)."""
-    with poutine.block():
+    """How many vectorised plates the model and guide nest (a dry run, like Pyro's ELBO).
+
+    The dry run leaves the random state as it found it, so that calling it (or
+    not) never changes the draws that follow.
+    """
+    with poutine.block(), torch.random.fork_rng(devices=[]):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         values = _latent_values(guide_trace)
         model_trace = poutine.trace(poutine.condition(model, data=values)).get_trace(

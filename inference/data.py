@@ -181,6 +181,7 @@ def load_synthetic(
         loc=torch.randn(x_dim, generator=gen),
         scale=0.5,
     )
+    truth.requires_grad_(False)
     with torch.no_grad():
         chol = torch.linalg.cholesky(truth.marginal().covariance_matrix)
         eps = torch.randn(num_train + num_test, x_dim, generator=gen)

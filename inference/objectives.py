@@ -169,7 +169,7 @@ class DReG(LogWeightObjective):
         log_w_path = log_w + (log_q_fixed - log_q_fixed.detach())
         bound = logsumexp(log_w, 0) - math.log(self.num_particles)
         surrogate = (wbar * log_w_path).sum(0)
-        return -sample.scale() * (bound + surrogate - surrogate.detach()).sum()
+        return -sample.scale() * (bound.detach() + surrogate - surrogate.detach()).sum()
 
 
 class _PyroELBO:

@@ -110,6 +110,7 @@ def train(
     out = Path(out)
     config = _prepare_run(config.validate(), out, resume)
     device = torch.device(config.device)
+    pyro.set_rng_seed(config.seed)  # before the model's initialisation
     dataset, model = build(config)
     model.to(device)
     x_train = dataset.split("train").to(device)
@@ -131,7 +132,6 @@ def train(
         # Lines written after the checkpoint (an interrupted epoch) are dropped.
         metrics = [row for row in read_metrics(out) if row["epoch"] <= start_epoch]
     else:
-        pyro.set_rng_seed(config.seed)
         if hasattr(model, "init_from_data"):
             model.init_from_data(x_train)
         out.mkdir(parents=True, exist_ok=True)
