@@ -25,6 +25,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check ppl_models inference tests benchmarks
+	$(BIN)/ruff format --check ppl_models inference tests benchmarks
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

@@ -486,15 +486,16 @@ def evaluate_bounds(
         )
         for name, value in parts_dec.items():
             if name != "kl_analytic":
-                add(name, value)
+                add(f"decomposition/{name}", value)
         add("kl_analytic", torch.tensor([parts_dec["kl_analytic"]]))
     cat = {name: torch.cat(values) for name, values in parts.items()}
     return {
         "elbo": Bound(cat["elbo"], cat["elbo_se"]),
         "iwae": {k: Bound(cat[f"iwae{k}"], cat[f"iwae{k}_se"]) for k in ks},
         "decomposition": {
-            name: cat[name]
-            for name in ("reconstruction", "kl", "entropy", "cross_entropy", "elbo")
+            name.split("/")[1]: value
+            for name, value in cat.items()
+            if name.startswith("decomposition/")
         },
         "kl_analytic": bool(cat["kl_analytic"].all()),
     }

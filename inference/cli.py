@@ -24,7 +24,9 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -118,8 +120,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     plots = [
         plot_iwae_ladder(report, out / "iwae_ladder.png"),
         plot_training(read_metrics(out), out / "training.png"),
-        plot_images([("data", x), ("reconstruction", model.reconstruct(x))],
-                    out / "reconstructions.png"),  # fmt: skip
+        plot_images(
+            [("data", x), ("reconstruction", model.reconstruct(x))], out / "reconstructions.png"
+        ),  # fmt: skip
         plot_images([("samples", model.sample(10))], out / "samples.png"),
     ]
     print("plots: " + ", ".join(str(p) for p in plots))
@@ -127,12 +130,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line, like every other user mistake."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="elbolab",
         description="Train Pyro models and measure their bounds: ELBO, IWAE-K, log p(x).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     p = sub.add_parser("train", help="train a model with SVI into a run directory")
     _add_train_flags(p)

@@ -77,9 +77,7 @@ def evaluate_run(
         "elbo": _summary(result["elbo"]),
         "iwae": {str(k): _summary(b) for k, b in result["iwae"].items()},
         "log_px": {**_summary(log_px), "k": k_max, "estimator": f"IWAE-{k_max}"},
-        "decomposition": {
-            name: float(v.mean()) for name, v in result["decomposition"].items()
-        },
+        "decomposition": {name: float(v.mean()) for name, v in result["decomposition"].items()},
         "kl_analytic": result["kl_analytic"],
         "stderr_note": "Monte Carlo standard error of the split average (datapoints fixed)",
     }
@@ -91,7 +89,10 @@ def evaluate_run(
         with torch.no_grad():
             report["generating_model_log_px"] = float(truth.log_marginal(x.cpu()).mean())
     write_json(run_dir / EVAL, report)
-    per_point = {"elbo": result["elbo"].value, **{f"iwae{k}": b.value for k, b in result["iwae"].items()}}
+    per_point = {
+        "elbo": result["elbo"].value,
+        **{f"iwae{k}": b.value for k, b in result["iwae"].items()},
+    }
     np.savez_compressed(
         run_dir / EVAL_DATAPOINTS, **{k: v.cpu().numpy() for k, v in per_point.items()}
     )
@@ -131,7 +132,9 @@ def format_report(report: dict) -> str:
     if "exact_log_px" in report:
         lines.append(f"exact log p(x) of this model: {report['exact_log_px']:.3f}")
     if "generating_model_log_px" in report:
-        lines.append(f"log p(x) under the generating model: {report['generating_model_log_px']:.3f}")
+        lines.append(
+            f"log p(x) under the generating model: {report['generating_model_log_px']:.3f}"
+        )
     lines.append(f"({report['seconds']:.1f} s)")
     return "\n".join(lines)
 

@@ -103,7 +103,9 @@ class ELBO(LogWeightObjective):
     name = "elbo"
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
-        sample = weighted_sample(model, guide, args, kwargs, self._layout(model, guide, args, kwargs))
+        sample = weighted_sample(
+            model, guide, args, kwargs, self._layout(model, guide, args, kwargs)
+        )
         self._check_reparam(sample.guide_trace)
         return -sample.scale() * sample.log_w.mean(0).sum()
 
@@ -119,7 +121,9 @@ class IWAE(LogWeightObjective):
     name = "iwae"
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
-        sample = weighted_sample(model, guide, args, kwargs, self._layout(model, guide, args, kwargs))
+        sample = weighted_sample(
+            model, guide, args, kwargs, self._layout(model, guide, args, kwargs)
+        )
         self._check_reparam(sample.guide_trace)
         bound = logsumexp(sample.log_w, 0) - math.log(self.num_particles)
         return -sample.scale() * bound.sum()
@@ -156,9 +160,7 @@ class DReG(LogWeightObjective):
         sample = weighted_sample(model, guide, args, kwargs, layout, values=scaled)
         self._check_reparam(sample.guide_trace)
         detached = {name: v.detach() for name, v in values.items()}
-        log_q_fixed = log_density(
-            trace_guide(guide, args, kwargs, layout, values=detached), layout
-        )
+        log_q_fixed = log_density(trace_guide(guide, args, kwargs, layout, values=detached), layout)
         log_w = sample.log_w
         wbar = torch.softmax(log_w.detach(), 0)
         # Read in backward, once the weights are known.

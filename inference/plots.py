@@ -57,7 +57,9 @@ def plot_images(rows: list[tuple[str, torch.Tensor]], path: Path) -> Path:
             ax = axes[i][j]
             ax.axis("off")
             if j < images.shape[0]:
-                ax.imshow(images[j].reshape(side, side).cpu(), cmap="gray_r", vmin=0, vmax=1)
+                ax.imshow(
+                    images[j].reshape(side, side).cpu().numpy(), cmap="gray_r", vmin=0, vmax=1
+                )
         axes[i][0].set_title(label, fontsize=8, loc="left")
     fig.tight_layout()
     return _save(fig, path)

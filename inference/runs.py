@@ -106,7 +106,9 @@ def save_checkpoint(run_dir: Path, state: dict) -> None:
 def load_checkpoint(run_dir: Path) -> dict:
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
-        raise RunError(f"{run_dir} has no {CHECKPOINT}: train first (elbolab train --out {run_dir})")
+        raise RunError(
+            f"{run_dir} has no {CHECKPOINT}: train first (elbolab train --out {run_dir})"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a damaged file can fail in many ways inside torch.load

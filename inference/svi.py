@@ -153,7 +153,9 @@ def train(
             total = 0.0
             for step, begin in enumerate(range(0, num_data, config.batch_size)):
                 xb = x_train[order[begin : begin + config.batch_size]]
-                loss = objective.differentiable_loss(model.model, model.guide, xb, num_data=num_data)
+                loss = objective.differentiable_loss(
+                    model.model, model.guide, xb, num_data=num_data
+                )
                 if not torch.isfinite(loss):
                     kept = (
                         f"the last good checkpoint (epoch {epoch}) is kept in {out}"
@@ -162,7 +164,8 @@ def train(
                     )
                     raise TrainingDiverged(
                         f"training diverged at epoch {epoch + 1}, step {step + 1}: the "
-                        f"{config.objective} loss is {float(loss)}; {kept}; try a smaller --lr"
+                        f"{config.objective} loss is {float(loss.detach())}; {kept}; "
+                        "try a smaller --lr"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -181,7 +181,9 @@ def test_global_site_with_data_plate_is_an_error():
 
     with pytest.raises(ValueError, match="outside plate 'data'"):
         log_importance_weights(model, guide, torch.zeros(3), num_particles=2)
-    assert log_importance_weights(model, guide, torch.zeros(3), num_particles=2, plate=None).shape == (2,)
+    assert log_importance_weights(
+        model, guide, torch.zeros(3), num_particles=2, plate=None
+    ).shape == (2,)
 
 
 def test_missing_guide_site_is_an_error():

@@ -95,7 +95,12 @@ def test_linear_gaussian_learns_the_generating_density(tmp_path):
 
 
 def test_bad_configuration_is_named(tmp_path):
-    for bad, message in [(dict(epochs=0), "--epochs"), (dict(lr=-1.0), "--lr"),
-                         (dict(objective="x"), "--objective"), (dict(hidden=[0]), "--hidden")]:  # fmt: skip
+    cases = [
+        (dict(epochs=0), "--epochs"),
+        (dict(lr=-1.0), "--lr"),
+        (dict(objective="x"), "--objective"),
+        (dict(hidden=[0]), "--hidden"),
+    ]
+    for bad, message in cases:
         with pytest.raises(svi.RunError, match=message):
             train(tiny_config(**bad), tmp_path / "bad", progress=False)
