@@ -66,6 +66,12 @@ class TrainConfig:
             raise RunError(f"--lr must be > 0, got {self.lr}")
         if self.hidden is not None and (not self.hidden or min(self.hidden) < 1):
             raise RunError(f"--hidden needs positive layer sizes, got {self.hidden}")
+        from ppl_models.nets import ACTIVATIONS
+
+        if self.activation not in ACTIVATIONS:
+            raise RunError(
+                f"--activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}"
+            )
         if self.z_dim is not None and self.z_dim < 1:
             raise RunError(f"--z-dim must be >= 1, got {self.z_dim}")
         return self

@@ -135,6 +135,8 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         shuffle.set_state(state["rng"]["shuffle"])
         start_epoch = state["epoch"]
         # Lines written after the checkpoint (an interrupted epoch) are dropped.
@@ -198,11 +200,14 @@ def train(
             }
             metrics.append(row)
             bar.set_postfix(bound=f"{row['train_bound']:.2f}", heldout=f"{heldout:.2f}")
+            rng = {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state()}
+            if device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state_all()
             state = {
                 "epoch": epoch + 1,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state()},
+                "rng": rng,
             }
             # Metrics first: a line beyond the checkpoint's epoch is dropped on resume.
             write_metrics(out, metrics)

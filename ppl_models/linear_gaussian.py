@@ -67,7 +67,7 @@ class LinearGaussian(PyroModule):
 
     def marginal(self) -> dist.MultivariateNormal:
         """p(x) = N(mu, W W^T + sigma^2 I)."""
-        eye = torch.eye(self.x_dim, dtype=self.weight.dtype)
+        eye = torch.eye(self.x_dim, dtype=self.weight.dtype, device=self.weight.device)
         cov = self.weight @ self.weight.T + self.scale**2 * eye
         return dist.MultivariateNormal(self.loc, covariance_matrix=cov)
 
@@ -77,7 +77,7 @@ class LinearGaussian(PyroModule):
 
     def exact_posterior(self, x: torch.Tensor) -> dist.MultivariateNormal:
         """p(z | x), batched over the rows of ``x``."""
-        eye = torch.eye(self.z_dim, dtype=self.weight.dtype)
+        eye = torch.eye(self.z_dim, dtype=self.weight.dtype, device=self.weight.device)
         precision = eye + self.weight.T @ self.weight / self.scale**2
         cov = torch.linalg.inv(precision)
         mean = (x - self.loc) @ self.weight @ cov / self.scale**2

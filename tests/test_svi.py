@@ -100,6 +100,7 @@ def test_bad_configuration_is_named(tmp_path):
         (dict(lr=-1.0), "--lr"),
         (dict(objective="x"), "--objective"),
         (dict(hidden=[0]), "--hidden"),
+        (dict(activation="sigmoidish"), "--activation"),
     ]
     for bad, message in cases:
         with pytest.raises(svi.RunError, match=message):

@@ -1,0 +1,121 @@
+"""IWAE-5000 evaluation of binarized MNIST test images: throughput, peak memory, FLOP rate.
+
+Runs ``elbolab evaluate RUN --k 5000`` in a child process (so that its peak
+resident memory is its own) and compares the floating-point rate it reaches
+in the network's matrix products with what this CPU does in a plain matrix
+product of the same shapes, measured in the same process run.
+
+    python benchmarks/bench_iwae_eval.py [--run runs/mnist-iwae50] [--limit 1000]
+
+Without a trained run, an untrained 784-200-200-50 VAE is written to a
+temporary run directory (speed does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import ROOT, SHARED_MNIST, save
+
+from inference.runs import TrainConfig, build, save_checkpoint, write_json
+
+
+def network_flops(x_dim: int, hidden: list[int], z_dim: int, k: int) -> float:
+    """Multiply-adds x 2 of one datapoint: encoder once, decoder once per particle."""
+    enc = [x_dim, *hidden, 2 * z_dim]
+    dec = [z_dim, *hidden[::-1], x_dim]
+
+    def cost(sizes):
+        return sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=False))
+
+    return cost(enc) + k * cost(dec)
+
+
+def matmul_rate(rows: int, sizes: list[int], repeats: int = 20) -> float:
+    """FLOP/s of the decoder's matrix products alone (no bias, no activation)."""
+    mats = [torch.randn(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=False)]
+    h0 = torch.randn(rows, sizes[0])
+    flops = sum(2 * rows * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=False))
+    best = float("inf")
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        h = h0
+        for m in mats:
+            h = h @ m
+        best = min(best, time.perf_counter() - tic)
+    return flops / best
+
+
+def untrained_run(path: Path) -> Path:
+    config = TrainConfig(data="binarized-mnist", data_path=str(SHARED_MNIST), epochs=1)
+    _, model = build(config)
+    path.mkdir(parents=True, exist_ok=True)
+    write_json(path / "config.json", config.__dict__)
+    save_checkpoint(path, {"epoch": 0, "model": model.state_dict()})
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "mnist-iwae50")
+    parser.add_argument("--limit", type=int, default=1000, help="test images (10000 = all)")
+    parser.add_argument("--k", type=int, default=5000)
+    args = parser.parse_args()
+
+    run = args.run
+    if not (run / "checkpoint.pt").exists():
+        run = untrained_run(Path(tempfile.mkdtemp()) / "untrained")
+    config = json.loads((run / "config.json").read_text())
+    _, model = build(TrainConfig(**config))
+    hidden, z_dim = list(model.hidden), model.z_dim
+    rows = 20_000  # evaluate_bounds' default rows per vectorised pass
+    peak_before = matmul_rate(rows, [z_dim, *hidden[::-1], 784])
+
+    cmd = [sys.executable, "-m", "inference.cli", "evaluate", str(run), "--k", str(args.k),
+           "--limit", str(args.limit), "--no-progress"]  # fmt: skip
+    tic = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - tic
+    if done.returncode:
+        sys.exit(done.stderr)
+    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    report = json.loads((run / "eval.json").read_text())
+    peak_after = matmul_rate(rows, [z_dim, *hidden[::-1], 784])
+    matmul = max(peak_before, peak_after)
+
+    eval_seconds = report["seconds"]
+    flops = args.limit * network_flops(784, hidden, z_dim, args.k)
+    result = {
+        "k": args.k,
+        "datapoints": args.limit,
+        "run": str(run),
+        "command_seconds": seconds,
+        "eval_seconds": eval_seconds,
+        "datapoints_per_s": args.limit / eval_seconds,
+        "peak_rss_mb": peak_rss / 2**20,
+        "achieved_gflops": flops / eval_seconds / 1e9,
+        "matmul_gflops": matmul / 1e9,
+        "fraction_of_matmul": flops / eval_seconds / matmul,
+        "log_px": report["log_px"],
+        "full_test_set_estimate_s": eval_seconds * 10_000 / args.limit,
+    }
+    print(
+        f"IWAE-{args.k} on {args.limit} test images: {eval_seconds:.1f} s "
+        f"({result['datapoints_per_s']:.1f} images/s; full test set ~"
+        f"{result['full_test_set_estimate_s']:.0f} s), peak RSS {result['peak_rss_mb']:.0f} MB, "
+        f"{result['achieved_gflops']:.1f} GFLOP/s = {100 * result['fraction_of_matmul']:.0f}% "
+        f"of plain matmul ({result['matmul_gflops']:.1f} GFLOP/s)"
+    )
+    print(f"written {save('iwae_eval', result)}")
+
+
+if __name__ == "__main__":
+    main()

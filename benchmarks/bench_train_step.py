@@ -1,0 +1,129 @@
+"""Training steps per second: elbolab against a hand-written PyTorch VAE, same process.
+
+The reference is the VAE a person writes by hand in plain PyTorch: the same
+784-200-200-50 tanh architecture and initial weights, the reparameterised
+single-sample ELBO (or IWAE-K) as one expression, ``torch.optim.Adam`` with
+its defaults. elbolab's step is what ``elbolab train`` runs:
+``make_objective(...).differentiable_loss(vae.model, vae.guide, x, num_data=N)``,
+backward and its optimiser, with Pyro's validation off. Pyro's own
+``Trace_ELBO`` step is timed too. Runs are interleaved; medians are reported.
+
+    python benchmarks/bench_train_step.py [--rounds 9] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+
+import pyro
+import torch
+from common import interleaved, mnist_split, save
+from pyro.infer import Trace_ELBO
+from torch.nn import functional as F
+
+from inference.objectives import make_objective
+from inference.svi import make_optimizer
+from ppl_models import VAE
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def hand_written_loss(vae: VAE, x: torch.Tensor, k: int, num_data: int) -> torch.Tensor:
+    """Negative ELBO (k = 1) or IWAE-k bound, written directly in torch."""
+    loc, raw = vae.encoder(x).split(vae.z_dim, -1)
+    scale = F.softplus(raw) + 1e-4
+    eps = torch.randn(k, *loc.shape)
+    z = loc + scale * eps
+    log_q = (-0.5 * eps**2 - scale.log() - HALF_LOG_2PI).sum(-1)
+    log_pz = (-0.5 * z**2 - HALF_LOG_2PI).sum(-1)
+    logits = vae.decoder(z)
+    log_px = -F.binary_cross_entropy_with_logits(logits, x.expand(k, -1, -1), reduction="none").sum(
+        -1
+    )
+    log_w = log_pz + log_px - log_q
+    bound = torch.logsumexp(log_w, 0) - math.log(k)
+    return -bound.sum() * num_data / x.shape[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+
+    pyro.set_rng_seed(0)
+    x_all = mnist_split("train")
+    num_data, batch = x_all.shape[0], args.batch_size
+    base = VAE(784)
+    base.init_from_data(x_all)
+    counter = {"i": 0}
+
+    def batch_of_data():
+        counter["i"] = (counter["i"] + 1) % (num_data // batch)
+        return x_all[counter["i"] * batch : (counter["i"] + 1) * batch]
+
+    def stepper(loss_fn, optimizer_factory):
+        vae = copy.deepcopy(base)
+        opt = optimizer_factory(vae)
+
+        def step():
+            loss = loss_fn(vae, batch_of_data())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    def adam(vae):
+        return torch.optim.Adam(vae.parameters(), lr=1e-3)
+
+    def elbolab_opt(vae):
+        return make_optimizer(vae, lr=1e-3)
+
+    def objective(name, k):
+        obj = make_objective(name, num_particles=k)
+        return lambda vae, x: obj.differentiable_loss(vae.model, vae.guide, x, num_data=num_data)
+
+    trace_elbo = Trace_ELBO(num_particles=1, vectorize_particles=True)
+    results = {}
+    with pyro.validation_enabled(False):
+        for k in (1, 5):
+            name = "elbo" if k == 1 else "iwae"
+            candidates = {
+                "hand-written": stepper(
+                    lambda v, x, k=k: hand_written_loss(v, x, k, num_data), adam
+                ),
+                "hand-written, fused Adam": stepper(
+                    lambda v, x, k=k: hand_written_loss(v, x, k, num_data), elbolab_opt
+                ),
+                f"elbolab {name}": stepper(objective(name, k), elbolab_opt),
+            }
+            if k == 1:
+                candidates["pyro Trace_ELBO"] = stepper(
+                    lambda v, x: trace_elbo.differentiable_loss(
+                        v.model, v.guide, x, num_data=num_data
+                    ),
+                    adam,
+                )
+            medians = interleaved(candidates, rounds=args.rounds, steps=args.steps)
+            ref = medians["hand-written"]
+            results[f"K={k}"] = {
+                name: {"ms_per_step": 1e3 * t, "steps_per_s": 1 / t, "ratio": t / ref}
+                for name, t in medians.items()
+            }
+    print(f"batch {batch}, 784-200-200-50 tanh VAE, binarized MNIST; ratio = time / hand-written")
+    for setting, rows in results.items():
+        for name, row in rows.items():
+            print(
+                f"{setting:<5} {name:<26} {row['steps_per_s']:8.1f} steps/s"
+                f"  {row['ms_per_step']:7.2f} ms  ratio {row['ratio']:.3f}"
+            )
+    path = save("train_step", {"batch_size": batch, "rounds": args.rounds, "results": results})
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()

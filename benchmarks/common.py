@@ -1,0 +1,55 @@
+"""Shared helpers for the benchmarks: data, interleaved timing, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MNIST = ROOT.parent / "shared" / "data" / "binarized_mnist.npz"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def mnist_split(split: str, path: str | None = None) -> torch.Tensor:
+    from inference.data import load_binarized_mnist
+
+    return load_binarized_mnist(path or os.environ.get("ELBOLAB_DATA") or SHARED_MNIST).split(split)
+
+
+def interleaved(candidates: dict[str, Callable[[], None]], *, rounds: int, steps: int) -> dict:
+    """Median seconds per call of each candidate, timed in interleaved rounds."""
+    for fn in candidates.values():  # warm-up
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            tic = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times[name].append((time.perf_counter() - tic) / steps)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def machine() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def save(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({**result, "machine": machine()}, indent=2) + "\n")
+    return path
