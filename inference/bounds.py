@@ -49,7 +49,8 @@ def logsumexp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-def _sample_sites(trace) -> Iterable[dict]:
+def sample_sites(trace) -> Iterable[dict]:
+    """The scored sample sites of a trace (no plate subsample sites, no deterministic ones)."""
     for site in trace.nodes.values():
         if (
             site["type"] == "sample"
@@ -67,23 +68,23 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args, kwargs) -> i
     """
     with poutine.block(), torch.random.fork_rng(devices=[]):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        values = _latent_values(guide_trace)
+        values = latent_values(guide_trace)
         model_trace = poutine.trace(poutine.condition(model, data=values)).get_trace(
             *args, **kwargs
         )
     dims = [
         -frame.dim
         for trace in (guide_trace, model_trace)
-        for site in _sample_sites(trace)
+        for site in sample_sites(trace)
         for frame in site["cond_indep_stack"]
         if frame.vectorized and frame.dim is not None
     ]
     return max(dims, default=0)
 
 
-def _latent_values(guide_trace) -> dict[str, torch.Tensor]:
-    # Every guide site is a latent of the model, also when the guide was conditioned.
-    return {s["name"]: s["value"] for s in _sample_sites(guide_trace)}
+def latent_values(guide_trace) -> dict[str, torch.Tensor]:
+    """Values of the guide's sample sites: every one is a latent of the model."""
+    return {s["name"]: s["value"] for s in sample_sites(guide_trace)}
 
 
 @dataclass
@@ -111,7 +112,7 @@ class Layout:
         if self.plate is None:
             return
         for trace in traces:
-            for site in _sample_sites(trace):
+            for site in sample_sites(trace):
                 for frame in site["cond_indep_stack"]:
                     if frame.name == self.plate:
                         if frame.dim is None:
@@ -177,7 +178,7 @@ class WeightedSample:
         scales = {
             float(s["scale"]) if not isinstance(s["scale"], torch.Tensor) else s["scale"].item()
             for t in (self.guide_trace, self.model_trace)
-            for s in _sample_sites(t)
+            for s in sample_sites(t)
         }
         if len(scales) > 1:
             raise ValueError(
@@ -203,7 +204,7 @@ def trace_model(model: Callable, args, kwargs, layout: Layout, *, values):
         trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
     if layout.plate_dim is None:
         layout.find_plate(trace)
-    for site in _sample_sites(trace):
+    for site in sample_sites(trace):
         if not site["is_observed"]:
             raise ValueError(
                 f"model site {site['name']!r} is latent but the guide does not sample it"
@@ -213,7 +214,7 @@ def trace_model(model: Callable, args, kwargs, layout: Layout, *, values):
 
 def log_density(trace, layout: Layout) -> torch.Tensor:
     """Sum of every sample site's log density, reduced to ``layout.shape``."""
-    terms = [layout.reduce(s, s["fn"].log_prob(s["value"])) for s in _sample_sites(trace)]
+    terms = [layout.reduce(s, s["fn"].log_prob(s["value"])) for s in sample_sites(trace)]
     return sum(terms[1:], terms[0]) if terms else torch.zeros(layout.shape)
 
 
@@ -231,7 +232,7 @@ def weighted_sample(
     With ``values``, the guide's sites are set to them instead of sampled.
     """
     guide_trace = trace_guide(guide, args, kwargs, layout, values=values)
-    values = _latent_values(guide_trace)
+    values = latent_values(guide_trace)
     model_trace = trace_model(model, args, kwargs, layout, values=values)
     return WeightedSample(
         log_density(model_trace, layout),
@@ -406,11 +407,11 @@ def elbo_decomposition(
         nesting = guess_max_plate_nesting(model, guide, args, kwargs)
         layout = Layout(num_particles, nesting, plate)
         sample = weighted_sample(model, guide, args, kwargs, layout)
-        guide_sites = {s["name"]: s for s in _sample_sites(sample.guide_trace)}
+        guide_sites = {s["name"]: s for s in sample_sites(sample.guide_trace)}
         # Conditioned latent sites are marked observed in the model trace: tell them by name.
         recon = kl = entropy = torch.zeros(layout.shape, device=sample.log_w.device)
         analytic = True
-        for site in _sample_sites(sample.model_trace):
+        for site in sample_sites(sample.model_trace):
             log_p = layout.reduce(site, site["fn"].log_prob(site["value"]))
             if site["name"] not in guide_sites:
                 recon = recon + log_p

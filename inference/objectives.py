@@ -23,11 +23,11 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from .bounds import (
     Layout,
-    _latent_values,
-    _sample_sites,
     guess_max_plate_nesting,
+    latent_values,
     log_density,
     logsumexp,
+    sample_sites,
     trace_guide,
     weighted_sample,
 )
@@ -75,7 +75,7 @@ class LogWeightObjective:
 
     @staticmethod
     def _check_reparam(guide_trace) -> None:
-        for site in _sample_sites(guide_trace):
+        for site in sample_sites(guide_trace):
             if not site["is_observed"] and not site["fn"].has_rsample:
                 raise ValueError(
                     f"guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
@@ -154,7 +154,7 @@ class DReG(LogWeightObjective):
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         layout = self._layout(model, guide, args, kwargs)
-        values = _latent_values(trace_guide(guide, args, kwargs, layout))
+        values = latent_values(trace_guide(guide, args, kwargs, layout))
         factors: dict[str, dict] = {name: {} for name in values}
         scaled = {name: _ScaleGrad.apply(v, factors[name]) for name, v in values.items()}
         sample = weighted_sample(model, guide, args, kwargs, layout, values=scaled)
