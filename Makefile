@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/elbolab demo --out runs/demo --seed 0
+	$(BIN)/elbolab demo --out runs/demo --seed 0 --overwrite
 
 lint: $(STAMP)
 	$(BIN)/ruff check ppl_models inference tests benchmarks

@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -105,7 +106,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tic = time.perf_counter()
     out = Path(args.out)
     if (out / "config.json").exists():
-        raise RunError(f"{out} already holds a run; remove it or pass another --out")
+        if not args.overwrite:
+            raise RunError(f"{out} already holds a run; pass --overwrite or another --out")
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        raise RunError(f"{out} exists and is not a run directory; choose another --out")
     config = TrainConfig(
         model="vae", data="digits", objective="iwae", num_particles=5,
         epochs=args.epochs, batch_size=128, seed=args.seed,
@@ -167,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--epochs", type=int, default=150, help="epochs (default 150)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from inference.cli import main
+from inference.runs import read_metrics
 
 TINY = ["--hidden", "16", "--z-dim", "2", "--epochs", "2", "--batch-size", "256",
         "--num-particles", "2", "--no-progress"]  # fmt: skip
@@ -73,6 +74,15 @@ def test_demo_writes_table_and_plots(tmp_path, capsys):
     for name in ("iwae_ladder", "training", "reconstructions", "samples"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--no-progress"]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--overwrite", "--no-progress"]) == 0
+    assert len(read_metrics(out)) == 1
+    other = tmp_path / "not-a-run"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    assert main(["demo", "--out", str(other), "--overwrite", "--no-progress"]) == 1
+    assert (other / "precious.txt").exists()
 
 
 @pytest.mark.parametrize(
