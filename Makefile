@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, pinned, so that nothing later makes pip resolve a CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	# ArviZ 1.3 declares Python >= 3.12 but is pure Python; install its needs, then it without resolution.
-	$(BIN)/python -m pip install -q "numpy>=2" "scipy>=1.13" "xarray>=2024.11" xarray-einstats lazy_loader h5netcdf matplotlib
+	$(BIN)/python -m pip install -q "numpy>=2" "scipy>=1.13" "xarray>=2024.11" xarray-einstats lazy_loader h5netcdf h5py matplotlib
 	$(BIN)/python -m pip install -q --no-deps --ignore-requires-python $(ARVIZ)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)

@@ -20,7 +20,7 @@ by the scale afterwards, never inside a logsumexp.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pyro
@@ -438,6 +438,10 @@ def elbo_decomposition(
     }
 
 
+def _prefixed(parts: dict, prefix: str) -> dict:
+    return {k.split("/", 1)[1]: v for k, v in parts.items() if k.startswith(prefix + "/")}
+
+
 def evaluate_bounds(
     model: Callable,
     guide: Callable,
@@ -447,6 +451,7 @@ def evaluate_bounds(
     batch_size: int = 100,
     max_rows: int = 20_000,
     decomposition_particles: int = 100,
+    statistics: Mapping[str, Callable[[torch.Tensor], object]] | None = None,
     progress: bool = True,
 ) -> dict:
     """ELBO, IWAE-k for every k in ``ks`` and the ELBO decomposition over a data set.
@@ -455,11 +460,14 @@ def evaluate_bounds(
     about ``max_rows / batch_size`` so that memory stays bounded), the IWAE-k
     estimates use disjoint groups of k of them, and the ELBO uses all of them.
 
+    ``statistics`` maps names to functions of a batch's (K, B) log weights
+    that return one value per datapoint (for example the PSIS k-hat).
+
     Returns
     -------
     dict
         ``"elbo"`` and ``"iwae"`` (a dict k -> :class:`Bound`) with per-datapoint
-        values, and ``"decomposition"`` (per-datapoint tensors).
+        values, ``"decomposition"`` and ``"statistics"`` (per-datapoint tensors).
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
@@ -475,6 +483,8 @@ def evaluate_bounds(
     for start in tqdm(batches, desc=f"IWAE-{k_max}", disable=not progress, leave=False):
         xb = data[start : start + batch_size]
         log_w = log_importance_weights(model, guide, xb, num_particles=k_max, chunk_size=chunk)
+        for name, fn in (statistics or {}).items():
+            add(f"statistics/{name}", torch.as_tensor(fn(log_w)).reshape(-1))
         elbo = elbo_bound(log_w)
         add("elbo", elbo.value)
         add("elbo_se", elbo.stderr)
@@ -493,10 +503,7 @@ def evaluate_bounds(
     return {
         "elbo": Bound(cat["elbo"], cat["elbo_se"]),
         "iwae": {k: Bound(cat[f"iwae{k}"], cat[f"iwae{k}_se"]) for k in ks},
-        "decomposition": {
-            name.split("/")[1]: value
-            for name, value in cat.items()
-            if name.startswith("decomposition/")
-        },
+        "decomposition": _prefixed(cat, "decomposition"),
+        "statistics": _prefixed(cat, "statistics"),
         "kl_analytic": bool(cat["kl_analytic"].all()),
     }

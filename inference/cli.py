@@ -142,6 +142,35 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .reference import diagnose_run, format_diagnose
+
+    report = diagnose_run(
+        args.run,
+        points=args.points,
+        indices=args.indices,
+        split=args.split,
+        num_chains=args.chains,
+        num_samples=args.samples,
+        warmup_steps=args.warmup,
+        num_particles=args.num_particles,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(format_diagnose(report))
+    print(f"written {args.run}/diagnose.json, diagnose.nc, diagnose_pairs.png")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_runs, format_compare
+
+    result = compare_runs(args.runs, out=args.out, seed=args.seed)
+    print(format_compare(result))
+    print(f"written {args.out}/compare.json, compare.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="elbolab",
@@ -167,6 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("diagnose", help="NUTS reference posteriors vs the guide, with k-hat")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--points", type=int, default=5, help="datapoints to diagnose (default 5)")
+    p.add_argument("--indices", type=_int_list, help="datapoint indices instead of --points")
+    p.add_argument("--split", default="test", help="data split (default test)")
+    p.add_argument("--chains", type=int, default=4, help="NUTS chains (default 4)")
+    p.add_argument("--samples", type=int, default=500, help="draws per chain (default 500)")
+    p.add_argument("--warmup", type=int, default=500, help="warm-up steps (default 500)")
+    p.add_argument("--num-particles", type=int, default=5000, help="K for k-hat (default 5000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("compare", help="bounds, k-hat and active units of several runs")
+    p.add_argument("runs", nargs="+", help="run directories, each evaluated already")
+    p.add_argument("--out", default="runs/compare", help="folder for compare.json/png")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="train on digits, evaluate, and plot (about a minute)")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")

@@ -11,6 +11,7 @@ import numpy as np
 import pyro
 import torch
 
+from . import diagnostics
 from .bounds import evaluate_bounds
 from .runs import RunError, load_run, write_json
 
@@ -61,7 +62,13 @@ def evaluate_run(
     pyro.set_rng_seed(seed)
     tic = time.perf_counter()
     result = evaluate_bounds(
-        model.model, model.guide, x, ks=ks, batch_size=batch_size, progress=progress
+        model.model,
+        model.guide,
+        x,
+        ks=ks,
+        batch_size=batch_size,
+        statistics={"khat": diagnostics.psis_khat, "is_ess": diagnostics.importance_ess},
+        progress=progress,
     )
     seconds = time.perf_counter() - tic
     k_max = max(ks)
@@ -79,6 +86,8 @@ def evaluate_run(
         "log_px": {**_summary(log_px), "k": k_max, "estimator": f"IWAE-{k_max}"},
         "decomposition": {name: float(v.mean()) for name, v in result["decomposition"].items()},
         "kl_analytic": result["kl_analytic"],
+        "khat": diagnostics.khat_summary(result["statistics"]["khat"].numpy()),
+        "is_ess_median": float(result["statistics"]["is_ess"].median()),
         "stderr_note": "Monte Carlo standard error of the split average (datapoints fixed)",
     }
     truth = getattr(dataset, "truth", None)
@@ -129,6 +138,18 @@ def format_report(report: dict) -> str:
         f"log p(x) ~ {log_px['mean']:.3f} +- {log_px['stderr']:.3f} ({log_px['estimator']}); "
         f"gap log p(x) - ELBO >= {log_px['mean'] - report['elbo']['mean']:.3f}"
     )
+    if "khat" in report:
+        k = report["khat"]
+        lines.append(
+            f"PSIS k-hat of the {log_px['k']} weights: {k['good']} good (< 0.5), {k['ok']} "
+            f"usable, {k['bad']} bad (>= 0.7) of {k['num_datapoints']}; median IS ESS "
+            f"{report['is_ess_median']:.1f}"
+        )
+        warning = diagnostics.khat_warning(
+            k, what=f"the {log_px['estimator']} estimate of log p(x)"
+        )
+        if warning:
+            lines.append(warning)
     if "exact_log_px" in report:
         lines.append(f"exact log p(x) of this model: {report['exact_log_px']:.3f}")
     if "generating_model_log_px" in report:

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .runs import atomic_write  # noqa: E402
@@ -76,5 +77,63 @@ def plot_training(metrics: list[dict], path: Path) -> Path:
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per datapoint")
     ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_posterior_pairs(
+    nuts: np.ndarray, guide: np.ndarray, indices, path: Path, *, khat=None, dims: int = 3
+) -> Path:
+    """NUTS draws of p(z|x) and guide draws of q(z|x) overlaid, one row per datapoint.
+
+    ``nuts`` and ``guide`` are (draw, datapoint, latent). Each row shows the
+    pairs among the ``dims`` latents with the largest NUTS variance.
+    """
+    from itertools import combinations
+
+    points = nuts.shape[1]
+    top = [np.argsort(-nuts[:, i].var(0))[:dims] for i in range(points)]
+    pairs = list(combinations(range(min(dims, nuts.shape[2])), 2)) or [(0, 0)]
+    fig, axes = plt.subplots(
+        points, len(pairs), figsize=(3 * len(pairs), 2.8 * points), squeeze=False
+    )
+    for i in range(points):
+        for j, (a, b) in enumerate(pairs):
+            ax = axes[i][j]
+            da, db = top[i][a], top[i][b] if len(top[i]) > b else top[i][a]
+            ax.scatter(nuts[:, i, da], nuts[:, i, db], s=3, alpha=0.3, label="NUTS p(z|x)")
+            ax.scatter(guide[:, i, da], guide[:, i, db], s=3, alpha=0.3, label="guide q(z|x)")
+            ax.set_xlabel(f"z[{da}]")
+            ax.set_ylabel(f"z[{db}]")
+            if j == 0:
+                title = f"datapoint {indices[i]}"
+                if khat is not None:
+                    title += f", k-hat {khat[i]:.2f}"
+                ax.set_title(title, fontsize=9, loc="left")
+    axes[0][0].legend(markerscale=4, fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_compare(rows: list[dict], khats: dict[str, np.ndarray], path: Path) -> Path:
+    """k-hat distributions (left) and IWAE ladders (right) of several runs."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    bins = np.linspace(-0.5, 1.5, 41)
+    for name, k in khats.items():
+        if len(k):
+            left.hist(np.clip(k, bins[0], bins[-1]), bins=bins, histtype="step", label=name)
+    for x, style in ((0.5, ":"), (0.7, "--")):
+        left.axvline(x, color="k", ls=style, lw=1)
+    left.set_xlabel("PSIS k-hat per datapoint")
+    left.set_ylabel("datapoints")
+    left.legend(fontsize=8)
+    for row in rows:
+        items = sorted((int(k), v["mean"], v["stderr"]) for k, v in row["iwae"].items())
+        ks, means, errs = zip(*items, strict=True)
+        right.errorbar(ks, means, yerr=errs, marker="o", capsize=3, label=row["name"])
+    right.set_xscale("log")
+    right.set_xlabel("k")
+    right.set_ylabel("IWAE-k (nats)")
+    right.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)

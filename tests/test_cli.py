@@ -114,3 +114,36 @@ def test_user_errors_are_one_line(tmp_path, args, message):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("elbolab") and message in lines[0], lines
+
+
+def test_diagnose_and_compare(tmp_path, capsys):
+    runs = []
+    for objective, k in (("elbo", "1"), ("iwae", "4")):
+        run = tmp_path / objective
+        main(["train", "--objective", objective, "--out", str(run), *TINY, "--num-particles", k])
+        main(["evaluate", str(run), "--k", "1,10,100", "--no-progress"])
+        runs.append(str(run))
+    capsys.readouterr()
+    assert main(["diagnose", runs[1], "--points", "2", "--chains", "2", "--samples", "60",
+                 "--warmup", "60", "--num-particles", "500", "--no-progress"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "NUTS reference for 2 test datapoints" in out and "k-hat" in out
+    report = json.loads((tmp_path / "iwae" / "diagnose.json").read_text())
+    assert len(report["points"]) == 2 and report["khat"]["num_datapoints"] == 2
+    assert (tmp_path / "iwae" / "diagnose.nc").exists()
+    assert (tmp_path / "iwae" / "diagnose_pairs.png").exists()
+
+    assert main(["compare", *runs, "--out", str(tmp_path / "cmp")]) == 0
+    table = capsys.readouterr().out
+    assert "elbo" in table and "iwae" in table and "active" in table
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [r["objective"] for r in result["runs"]] == ["elbo", "iwae"]
+    assert all(0 <= r["active_units"] <= 2 for r in result["runs"])
+    assert (tmp_path / "cmp" / "compare.png").exists()
+
+
+def test_compare_needs_evaluated_runs(tmp_path):
+    run = tmp_path / "run"
+    main(["train", "--out", str(run), *TINY])
+    result = elbolab("compare", str(run), "--out", str(tmp_path / "c"))
+    assert result.returncode == 1 and "has no eval.json" in result.stderr

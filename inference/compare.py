@@ -1,0 +1,86 @@
+"""``elbolab compare``: bounds, k-hat distributions and active units across runs, side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyro
+
+from .evaluate import EVAL, EVAL_DATAPOINTS
+from .gaps import active_units, posterior_means
+from .reference import read_report
+from .runs import RunError, load_run, write_json
+
+COMPARE = "compare.json"
+
+
+def compare_runs(
+    runs: Sequence[str | Path], *, out: str | Path, seed: int = 0, max_points: int = 2000
+) -> dict:
+    """Put several evaluated runs side by side; write ``compare.json`` and ``compare.png``.
+
+    Each run's ``eval.json`` (from ``elbolab evaluate``) and per-datapoint
+    k-hat are read; active units are counted on the evaluated split.
+    """
+    from .plots import plot_compare
+
+    if len(runs) < 1:
+        raise RunError("compare needs at least one run directory")
+    rows, khats = [], {}
+    for run in map(Path, runs):
+        report = read_report(run, EVAL)
+        config, dataset, model = load_run(run)
+        x = dataset.split(report["split"])[: min(report["num_datapoints"], max_points)]
+        pyro.set_rng_seed(seed)
+        units = active_units(posterior_means(model.guide, x))
+        with np.load(run / EVAL_DATAPOINTS) as per_point:
+            khat = per_point["khat"] if "khat" in per_point.files else np.array([])
+        khats[run.name] = khat
+        rows.append(
+            {
+                "run": str(run),
+                "name": run.name,
+                "model": config.model,
+                "objective": config.objective,
+                "num_particles": config.num_particles,
+                "epochs": config.epochs,
+                "split": report["split"],
+                "elbo": report["elbo"],
+                "iwae": report["iwae"],
+                "log_px": report["log_px"],
+                "gap": report["log_px"]["mean"] - report["elbo"]["mean"],
+                "khat": report.get("khat"),
+                "active_units": units,
+                "latent_units": int(getattr(model, "z_dim", 0)) or None,
+            }
+        )
+    out = Path(out)
+    result = {"runs": rows}
+    write_json(out / COMPARE, result)
+    plot_compare(rows, khats, out / "compare.png")
+    return result
+
+
+def format_compare(result: dict) -> str:
+    """The side-by-side table printed by ``elbolab compare``."""
+    header = (
+        f"{'run':<18}{'objective':>10}{'K':>4}{'ELBO':>10}{'log p(x)':>10}{'+-':>6}"
+        f"{'gap':>7}{'k-hat med':>10}{'k>=0.7':>8}{'active':>8}"
+    )
+    lines = [header]
+    for r in result["runs"]:
+        k = r["khat"] or {}
+        bad = f"{100 * k['bad'] / k['num_datapoints']:.0f}%" if k else "-"
+        med = f"{k['median']:.2f}" if k else "-"
+        units = f"{r['active_units']}/{r['latent_units']}" if r["latent_units"] else "-"
+        lines.append(
+            f"{r['name'][:17]:<18}{r['objective']:>10}{r['num_particles']:>4}"
+            f"{r['elbo']['mean']:>10.2f}{r['log_px']['mean']:>10.2f}{r['log_px']['stderr']:>6.2f}"
+            f"{r['gap']:>7.2f}{med:>10}{bad:>8}{units:>8}"
+        )
+    splits = {(r["split"], r["log_px"]["k"]) for r in result["runs"]}
+    if len(splits) > 1:
+        lines.append("note: the runs were evaluated on different splits or K: " + str(splits))
+    return "\n".join(lines)
