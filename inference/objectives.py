@@ -75,15 +75,24 @@ class LogWeightObjective:
 
     @staticmethod
     def _check_reparam(guide_trace) -> None:
+        # Every guide site is a latent, also in a conditioned trace where Pyro marks it observed.
         for site in sample_sites(guide_trace):
-            if not site["is_observed"] and not site["fn"].has_rsample:
+            if not site["fn"].has_rsample:
                 raise ValueError(
                     f"guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
                     "reparameterisable; use the 'trace-elbo' objective for such guides"
                 )
 
-    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
+    def bound(self, log_w: torch.Tensor) -> torch.Tensor:
+        """Per-datapoint bound from (K, N) log weights."""
         raise NotImplementedError
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
+        """Minus the bound, summed over datapoints and multiplied by the plate scale."""
+        layout = self._layout(model, guide, args, kwargs)
+        sample = weighted_sample(model, guide, args, kwargs, layout)
+        self._check_reparam(sample.guide_trace)
+        return -sample.scale() * self.bound(sample.log_w).sum()
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         with torch.no_grad():
@@ -102,12 +111,8 @@ class ELBO(LogWeightObjective):
 
     name = "elbo"
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        sample = weighted_sample(
-            model, guide, args, kwargs, self._layout(model, guide, args, kwargs)
-        )
-        self._check_reparam(sample.guide_trace)
-        return -sample.scale() * sample.log_w.mean(0).sum()
+    def bound(self, log_w: torch.Tensor) -> torch.Tensor:
+        return log_w.mean(0)
 
 
 class IWAE(LogWeightObjective):
@@ -120,16 +125,11 @@ class IWAE(LogWeightObjective):
 
     name = "iwae"
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        sample = weighted_sample(
-            model, guide, args, kwargs, self._layout(model, guide, args, kwargs)
-        )
-        self._check_reparam(sample.guide_trace)
-        bound = logsumexp(sample.log_w, 0) - math.log(self.num_particles)
-        return -sample.scale() * bound.sum()
+    def bound(self, log_w: torch.Tensor) -> torch.Tensor:
+        return logsumexp(log_w, 0) - math.log(log_w.shape[0])
 
 
-class DReG(LogWeightObjective):
+class DReG(IWAE):
     r"""IWAE bound with doubly reparameterised gradients for the guide (Tucker et al. 2019).
 
     Same value as :class:`IWAE`. With wbar_k the normalised weights, the model
@@ -167,9 +167,10 @@ class DReG(LogWeightObjective):
         for name, value in values.items():
             event_dim = sample.guide_trace.nodes[name]["fn"].event_dim
             factors[name]["factor"] = layout.expand_factor(wbar, value, event_dim)
-        # log q(z; phi) - log q(stop(z); phi): zero in value, path gradient minus nothing.
+        # log_w holds -log q(z; phi), whose gradient is path + score; adding
+        # log q(stop(z); phi), less its value, cancels the score and keeps the value.
         log_w_path = log_w + (log_q_fixed - log_q_fixed.detach())
-        bound = logsumexp(log_w, 0) - math.log(self.num_particles)
+        bound = self.bound(log_w)
         surrogate = (wbar * log_w_path).sum(0)
         return -sample.scale() * (bound.detach() + surrogate - surrogate.detach()).sum()
 

@@ -141,8 +141,9 @@ def test_non_reparameterised_guide_is_a_clear_error():
         with pyro.plate("data", len(x)):
             pyro.sample("z", dist.Bernoulli(0.3))
 
-    with pytest.raises(ValueError, match="not reparameterisable"):
-        make_objective("iwae", num_particles=2).loss(model, guide, torch.zeros(3))
+    for name in ("elbo", "iwae", "dreg"):
+        with pytest.raises(ValueError, match="not reparameterisable"):
+            make_objective(name, num_particles=2).loss(model, guide, torch.zeros(3))
     assert make_objective("trace-elbo").loss(model, guide, torch.zeros(3)) > 0
 
 
