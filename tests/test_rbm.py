@@ -1,0 +1,98 @@
+"""RBM: energies against brute force, the exact-posterior guide, exact log Z, AIS bracket."""
+
+import itertools
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from inference.bounds import elbo_bound, log_importance_weights
+from inference.partition import ais_log_partition, exact_log_partition
+from ppl_models.rbm import RBM
+
+
+def random_rbm(n_v, n_h, seed=0, scale=1.0):
+    torch.manual_seed(seed)
+    rbm = RBM(n_v, n_h)
+    with torch.no_grad():
+        rbm.W.normal_(0, scale)
+        rbm.b_v.normal_(0, scale)
+        rbm.b_h.normal_(0, scale)
+    return rbm.double()
+
+
+def all_states(n):
+    return torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)), dtype=torch.float64)
+
+
+def test_free_energy_is_energy_summed_over_h_and_log_z_brute_force():
+    rbm = random_rbm(4, 3)
+    v, h = all_states(4), all_states(3)
+    with torch.no_grad():
+        energies = rbm.energy(v[:, None, :], h[None, :, :])  # (16, 8)
+        assert torch.allclose(-rbm.free_energy(v), torch.logsumexp(-energies, 1))
+        brute = float(torch.logsumexp(-energies.reshape(-1), 0))
+    assert exact_log_partition(rbm) == pytest.approx(brute, abs=1e-10)
+    wide = random_rbm(3, 5, seed=1)  # enumerates v instead of h
+    with torch.no_grad():
+        e = wide.energy(all_states(3)[:, None, :], all_states(5)[None, :, :])
+    assert exact_log_partition(wide) == pytest.approx(float(torch.logsumexp(-e.reshape(-1), 0)))
+    assert exact_log_partition(rbm, chunk_size=3) == pytest.approx(brute, abs=1e-10)
+
+
+def test_exact_guide_elbo_is_minus_free_energy_and_other_guides_leave_a_gap():
+    rbm = random_rbm(6, 4, seed=2)
+    v = all_states(6)[::5]
+    with torch.no_grad():
+        target = -rbm.free_energy(v)
+    log_w = log_importance_weights(rbm.model, rbm.guide, v, num_particles=20)
+    assert torch.allclose(log_w, target.expand(20, -1), atol=1e-10)
+
+    def mean_field(v):
+        with pyro.plate("data", v.shape[0]):
+            pyro.sample("h", dist.Bernoulli(probs=torch.full((4,), 0.3, dtype=v.dtype)).to_event(1))
+
+    log_w = log_importance_weights(rbm.model, mean_field, v, num_particles=4000)
+    elbo = elbo_bound(log_w)
+    assert ((target - elbo.value) > 5 * elbo.stderr).all()  # KL(q || p(h|v)) > 0
+
+
+def test_bad_visible_data():
+    rbm = RBM(5, 2)
+    with pytest.raises(ValueError, match="5 visible units"):
+        rbm.check_visible(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="binary"):
+        rbm.check_visible(torch.full((3, 5), 0.5))
+
+
+def test_ais_matches_exact_and_reverse_brackets():
+    rbm = random_rbm(20, 10, seed=3, scale=0.5)
+    exact = exact_log_partition(rbm)
+    # Data: exact samples would make reverse AIS unbiased; long Gibbs chains are close.
+    torch.manual_seed(0)
+    v = torch.bernoulli(torch.full((500, 20), 0.5, dtype=torch.float64))
+    v, _ = rbm.gibbs(v, steps=500)
+    forward = ais_log_partition(rbm, num_chains=200, num_betas=2000, data=v, seed=0)
+    reverse = ais_log_partition(rbm, num_chains=200, num_betas=2000, data=v, seed=1, reverse=True)
+    assert abs(forward.log_z - exact) < 4 * forward.stderr + 0.02
+    assert abs(reverse.log_z - exact) < 4 * reverse.stderr + 0.02
+    assert forward.log_z - 3 * forward.stderr <= exact <= reverse.log_z + 3 * reverse.stderr
+
+
+def test_gibbs_sampling_matches_the_exact_distribution():
+    """Chi-square test of p(v) on a 3x2 RBM from 20000 samples of long chains."""
+    rbm = random_rbm(3, 2, seed=4)
+    states = all_states(3)
+    with torch.no_grad():
+        log_p = -rbm.free_energy(states) - exact_log_partition(rbm)
+    torch.manual_seed(0)
+    v, _ = rbm.gibbs(torch.zeros(20000, 3, dtype=torch.float64), steps=50)
+    codes = (v * torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64)).sum(1).long()
+    observed = torch.bincount(codes, minlength=8).double()
+    expected = 20000 * log_p.exp()
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    # 7 degrees of freedom: the 0.999 quantile is 24.3.
+    assert chi2 < 24.3, chi2
+    assert math.isclose(float(log_p.exp().sum()), 1.0, rel_tol=1e-10)
