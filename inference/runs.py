@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -32,10 +33,38 @@ class RunError(ValueError):
     """A run directory or configuration that cannot be used; the message says why."""
 
 
+class RunConfig:
+    """Shared by run configurations: ``kind`` names the trainer; JSON round trip."""
+
+    kind: ClassVar[str] = "run"
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        values = {k: v for k, v in values.items() if k != "kind"}
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise RunError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    def check_positive(self, *names: str) -> None:
+        """Raise :class:`RunError` for the first of ``names`` that is not >= 1 (or > 0)."""
+        for name in names:
+            value = getattr(self, name)
+            if not value > 0 or (isinstance(value, int) and value < 1):
+                flag = "--" + name.replace("_", "-")
+                raise RunError(
+                    f"{flag} must be {'> 0' if isinstance(value, float) else '>= 1'}, got {value}"
+                )
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """Everything that defines a training run (saved as ``config.json``)."""
 
+    kind: ClassVar[str] = "svi"
     model: str = "vae"
     data: str = "digits"
     data_path: str | None = None
@@ -58,12 +87,7 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise RunError(f"--{key} {getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        positive = ("num_particles", "epochs", "batch_size")
-        for key in positive:
-            if int(getattr(self, key)) < 1:
-                raise RunError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
-        if not self.lr > 0:
-            raise RunError(f"--lr must be > 0, got {self.lr}")
+        self.check_positive("num_particles", "epochs", "batch_size", "lr")
         if self.hidden is not None and (not self.hidden or min(self.hidden) < 1):
             raise RunError(f"--hidden needs positive layer sizes, got {self.hidden}")
         from ppl_models.nets import ACTIVATIONS
@@ -75,14 +99,6 @@ class TrainConfig:
         if self.z_dim is not None and self.z_dim < 1:
             raise RunError(f"--z-dim must be >= 1, got {self.z_dim}")
         return self
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise RunError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
-        return cls(**values)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -121,16 +137,66 @@ def load_checkpoint(run_dir: Path) -> dict:
         raise RunError(f"cannot read {path}: {err}") from err
 
 
-def read_config(run_dir: Path) -> TrainConfig:
+def read_config(run_dir: Path, cls=None):
+    """The run's configuration, as ``cls`` (default :class:`TrainConfig`)."""
+    cls = cls or TrainConfig
     path = Path(run_dir) / CONFIG
     if not Path(run_dir).is_dir():
         raise RunError(f"no such run directory: {run_dir}")
     if not path.exists():
         raise RunError(f"{run_dir} is not a run directory: it has no {CONFIG}")
     try:
-        return TrainConfig.from_dict(json.loads(path.read_text()))
+        values = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise RunError(f"{path} is not valid JSON: {err}") from err
+    kind = values.get("kind", "svi")
+    if kind != cls.kind:
+        command = "elbolab rbm evaluate" if kind == "rbm" else "elbolab evaluate"
+        raise RunError(f"{run_dir} is a {kind} run; use {command}")
+    return cls.from_dict(values)
+
+
+def prepare_run(config, out: Path, resume: bool, *, changeable=("epochs",)):
+    """The configuration to train with.
+
+    ``config`` for a new run in ``out``; for ``--resume`` the saved one, in
+    which only the ``changeable`` fields may differ from ``config``.
+    """
+    out = Path(out)
+    if resume:
+        saved = read_config(out, type(config))
+        changed = {
+            f.name: (getattr(saved, f.name), getattr(config, f.name))
+            for f in dataclasses.fields(config)
+            if f.name not in changeable and f.name not in ("data_path", "extra")
+            and getattr(saved, f.name) != getattr(config, f.name)
+        }  # fmt: skip
+        if changed:
+            detail = ", ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in changed.items())
+            raise RunError(f"--resume keeps the run's configuration; differs in {detail}")
+        for name in changeable:
+            setattr(saved, name, getattr(config, name))
+        return saved
+    if (out / CONFIG).exists():
+        raise RunError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    return config
+
+
+def rng_state(shuffle: torch.Generator, device: torch.device) -> dict:
+    """Random states to checkpoint: global torch (and CUDA), and the shuffling generator."""
+    state = {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, shuffle: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    shuffle.set_state(state["shuffle"])
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

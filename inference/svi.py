@@ -10,7 +10,6 @@ reproduces an uninterrupted run with the same seed exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -24,12 +23,13 @@ from .bounds import elbo_bound, log_importance_weights
 from .objectives import make_objective
 from .runs import (
     CONFIG,
-    RunError,
     TrainConfig,
     build,
     load_checkpoint,
-    read_config,
+    prepare_run,
     read_metrics,
+    restore_rng,
+    rng_state,
     save_checkpoint,
     write_json,
     write_metrics,
@@ -57,28 +57,6 @@ def make_optimizer(model: torch.nn.Module, *, lr: float) -> torch.optim.Optimize
         return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     except RuntimeError:
         return torch.optim.Adam(model.parameters(), lr=lr)
-
-
-def _prepare_run(config: TrainConfig, out: Path, resume: bool) -> TrainConfig:
-    out = Path(out)
-    if resume:
-        saved = read_config(out)
-        changed = {
-            k: (getattr(saved, k), getattr(config, k))
-            for k in ("model", "data", "objective", "num_particles", "batch_size", "lr", "seed")
-            if getattr(saved, k) != getattr(config, k)
-        }
-        if changed:
-            detail = ", ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in changed.items())
-            raise RunError(f"--resume keeps the run's configuration; differs in {detail}")
-        saved.epochs = config.epochs
-        saved.device = config.device
-        return saved
-    if (out / CONFIG).exists():
-        raise RunError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --out"
-        )
-    return config
 
 
 def train(
@@ -116,7 +94,7 @@ def train(
         epoch stay in ``out/checkpoint.pt``.
     """
     out = Path(out)
-    config = _prepare_run(config.validate(), out, resume)
+    config = prepare_run(config.validate(), out, resume, changeable=("epochs", "device"))
     device = torch.device(config.device)
     pyro.set_rng_seed(config.seed)  # before the model's initialisation
     dataset, model = build(config)
@@ -134,10 +112,7 @@ def train(
         state = load_checkpoint(out)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        shuffle.set_state(state["rng"]["shuffle"])
+        restore_rng(state["rng"], shuffle)
         start_epoch = state["epoch"]
         # Lines written after the checkpoint (an interrupted epoch) are dropped.
         metrics = [row for row in read_metrics(out) if row["epoch"] <= start_epoch]
@@ -145,7 +120,7 @@ def train(
         if hasattr(model, "init_from_data"):
             model.init_from_data(x_train)
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / CONFIG, dataclasses.asdict(config))
+        write_json(out / CONFIG, config.to_dict())
 
     steps_per_epoch = math.ceil(num_data / config.batch_size)
     bar = tqdm(
@@ -200,14 +175,11 @@ def train(
             }
             metrics.append(row)
             bar.set_postfix(bound=f"{row['train_bound']:.2f}", heldout=f"{heldout:.2f}")
-            rng = {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state_all()
             state = {
                 "epoch": epoch + 1,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "rng": rng,
+                "rng": rng_state(shuffle, device),
             }
             # Metrics first: a line beyond the checkpoint's epoch is dropped on resume.
             write_metrics(out, metrics)

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from inference import objectives, svi
-from inference.runs import TrainConfig, load_checkpoint, read_metrics
+from inference import objectives
+from inference.runs import RunError, TrainConfig, load_checkpoint, read_metrics
 from inference.svi import TrainingDiverged, train
 
 
@@ -48,9 +48,9 @@ def test_resume_after_an_interrupted_epoch(tmp_path):
 
 def test_resume_refuses_a_changed_configuration(tmp_path):
     train(tiny_config(epochs=1), tmp_path / "run", progress=False)
-    with pytest.raises(svi.RunError, match="lr"):
+    with pytest.raises(RunError, match="lr"):
         train(tiny_config(lr=0.1), tmp_path / "run", resume=True, progress=False)
-    with pytest.raises(svi.RunError, match="already holds a run"):
+    with pytest.raises(RunError, match="already holds a run"):
         train(tiny_config(), tmp_path / "run", progress=False)
 
 
@@ -103,5 +103,5 @@ def test_bad_configuration_is_named(tmp_path):
         (dict(activation="sigmoidish"), "--activation"),
     ]
     for bad, message in cases:
-        with pytest.raises(svi.RunError, match=message):
+        with pytest.raises(RunError, match=message):
             train(tiny_config(**bad), tmp_path / "bad", progress=False)

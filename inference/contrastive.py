@@ -1,0 +1,223 @@
+r"""Training RBMs by contrastive divergence: CD-k (Hinton 2002) and persistent CD (Tieleman 2008).
+
+The log-likelihood gradient of an RBM is a difference of two expectations,
+
+    d log p(v) / dW = E_data[v p(h|v)^T] - E_model[v p(h|v)^T],
+
+and likewise for the biases. The negative phase is estimated with Gibbs
+chains: CD-k starts them at the minibatch and runs k steps; PCD-k keeps one
+persistent chain per minibatch row across updates. Updates use momentum and
+L2 weight decay on W, as in Hinton's practical guide (2010). Gradients are
+written directly (no autograd): the estimator is not the gradient of any
+objective.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from ppl_models.rbm import RBM
+
+from .data import DATASETS, load_dataset
+from .partition import exact_log_partition
+from .runs import (
+    CONFIG,
+    RunConfig,
+    RunError,
+    load_checkpoint,
+    prepare_run,
+    read_config,
+    read_metrics,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    write_json,
+    write_metrics,
+)
+
+METHODS = ("cd", "pcd")
+EXACT_METRIC_UNITS = 20
+
+
+@dataclass
+class RBMConfig(RunConfig):
+    """Everything that defines an RBM training run (saved as ``config.json``)."""
+
+    kind: ClassVar[str] = "rbm"
+    data: str = "digits"
+    data_path: str | None = None
+    hidden: int = 20
+    method: str = "pcd"
+    cd_steps: int = 1
+    epochs: int = 30
+    batch_size: int = 20
+    lr: float = 0.05
+    momentum: float = 0.5
+    weight_decay: float = 1e-4
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> RBMConfig:
+        if self.data not in DATASETS or self.data == "synthetic":
+            raise RunError(
+                f"--data {self.data!r}: an RBM needs binary data (digits, binarized-mnist)"
+            )
+        if self.method not in METHODS:
+            raise RunError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        for name in ("hidden", "cd_steps", "epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise RunError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        if not self.lr > 0:
+            raise RunError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise RunError(f"--momentum must lie in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise RunError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        return self
+
+
+@torch.no_grad()
+def reconstruction_error(rbm: RBM, v: torch.Tensor) -> float:
+    """Mean squared error of p(v | h), h ~ p(h | v): one Gibbs step away from the data."""
+    h = torch.bernoulli(torch.sigmoid(rbm.hidden_logits(v)))
+    return float((torch.sigmoid(rbm.visible_logits(h)) - v).pow(2).sum(1).mean())
+
+
+@torch.no_grad()
+def pseudo_log_likelihood(rbm: RBM, v: torch.Tensor) -> float:
+    """Stochastic pseudo-log-likelihood per datapoint: one random unit flipped per row.
+
+    n_visible * log sigmoid(F(v_flipped) - F(v)), the estimator scikit-learn's
+    BernoulliRBM reports as ``score_samples``.
+    """
+    idx = torch.randint(v.shape[1], (v.shape[0],))
+    flipped = v.clone()
+    rows = torch.arange(v.shape[0])
+    flipped[rows, idx] = 1 - flipped[rows, idx]
+    gap = rbm.free_energy(flipped) - rbm.free_energy(v)
+    return float(rbm.n_visible * torch.nn.functional.logsigmoid(gap).mean())
+
+
+@torch.no_grad()
+def exact_log_likelihood(rbm: RBM, v: torch.Tensor) -> float:
+    """Mean exact log p(v) = -F(v) - log Z (smaller layer must be enumerable)."""
+    return float((-rbm.free_energy(v.double() if rbm.W.dtype == torch.float64 else v)).mean()) - (
+        exact_log_partition(rbm)
+    )
+
+
+def _cd_update(rbm, v, chains, config, velocity) -> torch.Tensor:
+    """One CD-k / PCD-k update in place; returns the new persistent chains."""
+    ph_data = torch.sigmoid(rbm.hidden_logits(v))
+    start = chains if config.method == "pcd" else v
+    v_neg, _ = rbm.gibbs(start, steps=config.cd_steps)
+    ph_neg = torch.sigmoid(rbm.hidden_logits(v_neg))
+    batch = v.shape[0]
+    grads = {
+        "W": (v.T @ ph_data - v_neg.T @ ph_neg) / batch - config.weight_decay * rbm.W,
+        "b_v": (v - v_neg).mean(0),
+        "b_h": (ph_data - ph_neg).mean(0),
+    }
+    for name, grad in grads.items():
+        velocity[name].mul_(config.momentum).add_(grad, alpha=config.lr)
+        getattr(rbm, name).add_(velocity[name])
+    return v_neg
+
+
+def train_rbm(
+    config: RBMConfig, out: str | Path, *, resume: bool = False, progress: bool = True
+) -> RBM:
+    """Train an RBM with CD-k or PCD-k, writing a run directory like ``elbolab train``.
+
+    Per epoch, ``metrics.jsonl`` gets the reconstruction error and the
+    pseudo-log-likelihood of the held-out split, and its exact log-likelihood
+    when the smaller layer has at most 20 units; the checkpoint holds the
+    parameters, momentum buffers, persistent chains and random states.
+    """
+    out = Path(out)
+    config = prepare_run(config.validate(), out, resume)
+    torch.manual_seed(config.seed)
+    dataset = load_dataset(config.data, path=config.data_path)
+    x_train = dataset.split("train")
+    x_heldout = dataset.split(dataset.heldout_split)
+    rbm = RBM(dataset.x_dim, config.hidden).requires_grad_(False)
+    velocity = {name: torch.zeros_like(p) for name, p in rbm.named_parameters()}
+    shuffle = torch.Generator().manual_seed(config.seed)
+    chains = torch.bernoulli(torch.full((config.batch_size, dataset.x_dim), 0.5))
+    start_epoch, metrics = 0, []
+    if resume:
+        state = load_checkpoint(out)
+        rbm.load_state_dict(state["model"])
+        velocity = state["velocity"]
+        chains = state["chains"]
+        restore_rng(state["rng"], shuffle)
+        start_epoch = state["epoch"]
+        metrics = [row for row in read_metrics(out) if row["epoch"] <= start_epoch]
+    else:
+        with torch.no_grad():  # visible biases at the data's log-odds (Hinton 2010, section 8)
+            p = x_train.mean(0).clamp(1e-3, 1 - 1e-3)
+            rbm.b_v.copy_(torch.log(p) - torch.log1p(-p))
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / CONFIG, config.to_dict())
+    num_data = x_train.shape[0]
+    steps = math.ceil(num_data / config.batch_size)
+    exact = min(rbm.n_visible, rbm.n_hidden) <= EXACT_METRIC_UNITS
+    elapsed = metrics[-1]["elapsed"] if metrics else 0.0
+    bar = tqdm(total=(config.epochs - start_epoch) * steps, disable=not progress, unit="step",
+               desc=f"rbm/{config.method}-{config.cd_steps}")  # fmt: skip
+    with bar, torch.no_grad():
+        for epoch in range(start_epoch, config.epochs):
+            tic = time.perf_counter()
+            order = torch.randperm(num_data, generator=shuffle)
+            for begin in range(0, num_data, config.batch_size):
+                v = x_train[order[begin : begin + config.batch_size]]
+                new = _cd_update(rbm, v, chains[: v.shape[0]], config, velocity)
+                if config.method == "pcd":
+                    chains[: v.shape[0]] = new
+                bar.update(1)
+            if not all(torch.isfinite(p).all() for p in rbm.parameters()):
+                raise RunError(
+                    f"RBM training diverged in epoch {epoch + 1}; the last good checkpoint "
+                    f"(epoch {epoch}) is kept in {out}; try a smaller --lr"
+                )
+            seconds = time.perf_counter() - tic
+            elapsed += seconds
+            row = {
+                "epoch": epoch + 1,
+                "method": f"{config.method}-{config.cd_steps}",
+                "reconstruction_error": reconstruction_error(rbm, x_heldout),
+                "pseudo_log_likelihood": pseudo_log_likelihood(rbm, x_heldout),
+                "seconds": seconds,
+                "elapsed": elapsed,
+            }
+            if exact:
+                row["exact_log_likelihood"] = exact_log_likelihood(rbm, x_heldout)
+            metrics.append(row)
+            state = {
+                "epoch": epoch + 1,
+                "model": rbm.state_dict(),
+                "velocity": velocity,
+                "chains": chains,
+                "rng": rng_state(shuffle, torch.device("cpu")),
+            }
+            write_metrics(out, metrics)
+            save_checkpoint(out, state)
+    return rbm
+
+
+def load_rbm_run(run_dir: str | Path) -> tuple[RBMConfig, object, RBM]:
+    """Configuration, data set and trained RBM of an ``elbolab rbm train`` run."""
+    config = read_config(run_dir, RBMConfig)
+    dataset = load_dataset(config.data, path=config.data_path)
+    rbm = RBM(dataset.x_dim, config.hidden).requires_grad_(False)
+    rbm.load_state_dict(load_checkpoint(run_dir)["model"])
+    return config, dataset, rbm
