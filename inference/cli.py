@@ -171,6 +171,37 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rbm_train(args: argparse.Namespace) -> int:
+    from .contrastive import RBMConfig, train_rbm
+
+    config = RBMConfig()
+    for name in ("data", "data_path", "hidden", "method", "cd_steps", "epochs", "batch_size",
+                 "lr", "momentum", "weight_decay", "seed"):  # fmt: skip
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    train_rbm(config, args.out, resume=args.resume, progress=not args.no_progress)
+    last = read_metrics(args.out)[-1]
+    exact = last.get("exact_log_likelihood")
+    print(
+        f"trained {last['epoch']} epochs ({last['method']}) in {last['elapsed']:.1f} s: "
+        f"held-out reconstruction error {last['reconstruction_error']:.3f}, "
+        f"pseudo-log-likelihood {last['pseudo_log_likelihood']:.3f}"
+        + (f", exact log-likelihood {exact:.3f}" if exact is not None else "")
+        + f"; run in {args.out}"
+    )
+    return 0
+
+
+def cmd_rbm_evaluate(args: argparse.Namespace) -> int:
+    from .contrastive import evaluate_rbm_run, format_rbm_report
+
+    report = evaluate_rbm_run(
+        args.run, split=args.split, num_chains=args.chains, num_betas=args.betas, seed=args.seed
+    )
+    print(format_rbm_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="elbolab",
@@ -215,6 +246,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="folder for compare.json/png")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_compare)
+
+    rbm = sub.add_parser("rbm", help="RBM energy models: train with CD/PCD, evaluate log Z")
+    rbm_sub = rbm.add_subparsers(dest="rbm_command", required=True, metavar="COMMAND",
+                                 parser_class=_Parser)  # fmt: skip
+    p = rbm_sub.add_parser("train", help="train an RBM with CD-k or PCD-k")
+    p.add_argument("--data", choices=("digits", "binarized-mnist"), help="default digits")
+    p.add_argument("--data-path", help="binarized MNIST .npz or .amat folder")
+    p.add_argument("--hidden", type=int, help="hidden units (default 20)")
+    p.add_argument("--method", choices=("cd", "pcd"), help="default pcd")
+    p.add_argument("--cd-steps", type=int, help="Gibbs steps per update, k (default 1)")
+    p.add_argument("--epochs", type=int, help="epochs (default 30)")
+    p.add_argument("--batch-size", type=int, help="minibatch size (default 20)")
+    p.add_argument("--lr", type=float, help="learning rate (default 0.05)")
+    p.add_argument("--momentum", type=float, help="momentum (default 0.5)")
+    p.add_argument("--weight-decay", type=float, help="L2 on W (default 1e-4)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_rbm_train)
+    p = rbm_sub.add_parser("evaluate", help="log-likelihood: exact, AIS and reverse AIS")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--split", default="test", help="data split (default test)")
+    p.add_argument("--chains", type=int, default=100, help="AIS chains (default 100)")
+    p.add_argument("--betas", type=int, default=10000, help="inverse temperatures (default 1e4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=cmd_rbm_evaluate)
 
     p = sub.add_parser("demo", help="train on digits, evaluate, and plot (about a minute)")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")

@@ -96,3 +96,54 @@ def test_gibbs_sampling_matches_the_exact_distribution():
     # 7 degrees of freedom: the 0.999 quantile is 24.3.
     assert chi2 < 24.3, chi2
     assert math.isclose(float(log_p.exp().sum()), 1.0, rel_tol=1e-10)
+
+
+def test_long_chain_contrastive_gradient_is_the_exact_gradient():
+    """With (near) exact negative samples, E[CD gradient] = d mean log p(v) / d theta."""
+    from inference.contrastive import contrastive_gradient
+
+    rbm = random_rbm(5, 3, seed=5, scale=0.7).requires_grad_(True)
+    v_data = all_states(5)[[1, 6, 7, 19, 30]]
+    log_z = torch.logsumexp(-rbm.free_energy(all_states(5)), 0)
+    (-rbm.free_energy(v_data) - log_z).mean().backward()
+    exact = {name: p.grad.clone() for name, p in rbm.named_parameters()}
+    rbm.requires_grad_(False)
+    torch.manual_seed(0)
+    start = v_data.repeat(8000, 1)  # 40000 chains started at the data
+    v_neg, _ = rbm.gibbs(start, steps=60)
+    estimate = contrastive_gradient(rbm, v_data, v_neg)
+    # Monte Carlo error of the negative phase: sd of v_i p(h_j|v) over chains / sqrt(40000).
+    ph = torch.sigmoid(rbm.hidden_logits(v_neg))
+    se_w = (v_neg[:, :, None] * ph[:, None, :]).std(0) / math.sqrt(v_neg.shape[0])
+    assert ((estimate["W"] - exact["W"]).abs() < 5 * se_w + 1e-3).all()
+    assert ((estimate["b_v"] - exact["b_v"]).abs() < 5 * v_neg.std(0) / 200 + 1e-3).all()
+    assert ((estimate["b_h"] - exact["b_h"]).abs() < 5 * ph.std(0) / 200 + 1e-3).all()
+
+
+def test_rbm_training_improves_exact_likelihood_and_resumes_exactly(tmp_path):
+    from inference.contrastive import RBMConfig, train_rbm
+    from inference.runs import read_metrics
+
+    config = RBMConfig(hidden=10, epochs=6, seed=3)
+    full = train_rbm(config, tmp_path / "full", progress=False)
+    rows = read_metrics(tmp_path / "full")
+    assert rows[-1]["exact_log_likelihood"] > rows[0]["exact_log_likelihood"]
+    train_rbm(RBMConfig(hidden=10, epochs=3, seed=3), tmp_path / "split", progress=False)
+    resumed = train_rbm(config, tmp_path / "split", resume=True, progress=False)
+    assert all(
+        torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters(), strict=True)
+    )
+
+
+def test_rbm_cli(tmp_path, capsys):
+    from inference.cli import main
+
+    run = str(tmp_path / "rbm")
+    assert main(["rbm", "train", "--hidden", "8", "--epochs", "3", "--out", run,
+                 "--no-progress"]) == 0  # fmt: skip
+    assert "exact log-likelihood" in capsys.readouterr().out
+    assert main(["rbm", "evaluate", run, "--chains", "50", "--betas", "500"]) == 0
+    out = capsys.readouterr().out
+    assert "exact" in out and "reverse AIS" in out and "bracket" in out
+    assert main(["evaluate", run]) == 1
+    assert "is a rbm run; use elbolab rbm evaluate" in capsys.readouterr().err
