@@ -176,7 +176,7 @@ def cmd_rbm_train(args: argparse.Namespace) -> int:
 
     config = RBMConfig()
     for name in ("data", "data_path", "hidden", "method", "cd_steps", "epochs", "batch_size",
-                 "lr", "momentum", "weight_decay", "seed"):  # fmt: skip
+                 "lr", "momentum", "weight_decay", "seed", "train_limit"):  # fmt: skip
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     train_rbm(config, args.out, resume=args.resume, progress=not args.no_progress)
@@ -261,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate (default 0.05)")
     p.add_argument("--momentum", type=float, help="momentum (default 0.5)")
     p.add_argument("--weight-decay", type=float, help="L2 on W (default 1e-4)")
+    p.add_argument("--train-limit", type=int, help="train on the first N training images")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")

@@ -62,6 +62,7 @@ class RBMConfig(RunConfig):
     momentum: float = 0.5
     weight_decay: float = 1e-4
     seed: int = 0
+    train_limit: int | None = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> RBMConfig:
@@ -156,7 +157,7 @@ def train_rbm(
     config = prepare_run(config.validate(), out, resume)
     torch.manual_seed(config.seed)
     dataset = load_dataset(config.data, path=config.data_path)
-    x_train = dataset.split("train")
+    x_train = dataset.split("train")[: config.train_limit]
     x_heldout = dataset.split(dataset.heldout_split)
     rbm = RBM(dataset.x_dim, config.hidden).requires_grad_(False)
     velocity = {name: torch.zeros_like(p) for name, p in rbm.named_parameters()}
