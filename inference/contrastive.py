@@ -116,14 +116,24 @@ def exact_log_likelihood(rbm: RBM, v: torch.Tensor) -> float:
     )
 
 
-def contrastive_gradient(rbm: RBM, v: torch.Tensor, v_neg: torch.Tensor) -> dict:
+def contrastive_gradient(
+    rbm: RBM,
+    v: torch.Tensor,
+    v_neg: torch.Tensor,
+    *,
+    ph_data: torch.Tensor | None = None,
+    ph_neg: torch.Tensor | None = None,
+) -> dict:
     """Positive minus negative phase: an estimate of d mean log p(v) / d(W, b_v, b_h).
 
     Unbiased when ``v_neg`` are exact model samples; CD-k's chains started at
-    the data make it biased for small k.
+    the data make it biased for small k. ``ph_data`` and ``ph_neg``, p(h=1|v)
+    of the two phases, are computed when not given.
     """
-    ph_data = torch.sigmoid(rbm.hidden_logits(v))
-    ph_neg = torch.sigmoid(rbm.hidden_logits(v_neg))
+    if ph_data is None:
+        ph_data = torch.sigmoid(rbm.hidden_logits(v))
+    if ph_neg is None:
+        ph_neg = torch.sigmoid(rbm.hidden_logits(v_neg))
     return {
         "W": v.T @ ph_data / v.shape[0] - v_neg.T @ ph_neg / v_neg.shape[0],
         "b_v": v.mean(0) - v_neg.mean(0),
@@ -132,10 +142,14 @@ def contrastive_gradient(rbm: RBM, v: torch.Tensor, v_neg: torch.Tensor) -> dict
 
 
 def _cd_update(rbm, v, chains, config, velocity) -> torch.Tensor:
-    """One CD-k / PCD-k update in place; returns the new persistent chains."""
-    start = chains if config.method == "pcd" else v
-    v_neg, _ = rbm.gibbs(start, steps=config.cd_steps)
-    grads = contrastive_gradient(rbm, v, v_neg)
+    """One CD-k / PCD-k update in place; returns the chains' new visible states."""
+    ph_data = torch.sigmoid(rbm.hidden_logits(v))
+    # CD starts at the data, whose p(h|v) is already known; PCD continues its chains.
+    ph = ph_data if config.method == "cd" else torch.sigmoid(rbm.hidden_logits(chains))
+    for _ in range(config.cd_steps):
+        v_neg = torch.bernoulli(torch.sigmoid(rbm.visible_logits(torch.bernoulli(ph))))
+        ph = torch.sigmoid(rbm.hidden_logits(v_neg))
+    grads = contrastive_gradient(rbm, v, v_neg, ph_data=ph_data, ph_neg=ph)
     grads["W"] = grads["W"] - config.weight_decay * rbm.W
     for name, grad in grads.items():
         velocity[name].mul_(config.momentum).add_(grad, alpha=config.lr)
