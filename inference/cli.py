@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import time
@@ -53,22 +54,19 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _config_from(args: argparse.Namespace) -> TrainConfig:
-    config = TrainConfig()
-    for field in (
-        "model", "data", "data_path", "objective", "num_particles", "epochs", "batch_size",
-        "lr", "hidden", "z_dim", "activation", "guide_type", "seed", "device",
-    ):  # fmt: skip
-        value = getattr(args, field, None)
+def _config_from(args: argparse.Namespace, config):
+    """``config`` with every field that was given on the command line replaced."""
+    for field in dataclasses.fields(config):
+        value = getattr(args, field.name, None)
         if value is not None:
-            setattr(config, field, value)
+            setattr(config, field.name, value)
     return config
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .svi import train
 
-    config = _config_from(args)
+    config = _config_from(args, TrainConfig())
     train(config, args.out, resume=args.resume, progress=not args.no_progress)
     last = read_metrics(args.out)[-1]
     heldout = next(k for k in last if k.endswith("_elbo"))
@@ -174,11 +172,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_rbm_train(args: argparse.Namespace) -> int:
     from .contrastive import RBMConfig, train_rbm
 
-    config = RBMConfig()
-    for name in ("data", "data_path", "hidden", "method", "cd_steps", "epochs", "batch_size",
-                 "lr", "momentum", "weight_decay", "seed", "train_limit"):  # fmt: skip
-        if getattr(args, name) is not None:
-            setattr(config, name, getattr(args, name))
+    config = _config_from(args, RBMConfig())
     train_rbm(config, args.out, resume=args.resume, progress=not args.no_progress)
     last = read_metrics(args.out)[-1]
     exact = last.get("exact_log_likelihood")
