@@ -43,6 +43,7 @@ from .runs import (
 )
 
 METHODS = ("cd", "pcd")
+SCHEDULES = ("constant", "linear")
 EXACT_METRIC_UNITS = 20
 
 
@@ -61,6 +62,7 @@ class RBMConfig(RunConfig):
     lr: float = 0.05
     momentum: float = 0.5
     weight_decay: float = 1e-4
+    lr_schedule: str = "constant"
     seed: int = 0
     train_limit: int | None = None
     extra: dict = field(default_factory=dict)
@@ -81,6 +83,10 @@ class RBMConfig(RunConfig):
             raise RunError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise RunError(f"--momentum must lie in [0, 1), got {self.momentum}")
+        if self.lr_schedule not in SCHEDULES:
+            raise RunError(
+                f"--lr-schedule {self.lr_schedule!r} is not one of {', '.join(SCHEDULES)}"
+            )
         if self.weight_decay < 0:
             raise RunError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         return self
@@ -141,7 +147,14 @@ def contrastive_gradient(
     }
 
 
-def _cd_update(rbm, v, chains, config, velocity) -> torch.Tensor:
+def learning_rate(config: RBMConfig, epoch: int) -> float:
+    """The step size in ``epoch`` (0-based): constant, or decaying linearly towards 0."""
+    if config.lr_schedule == "linear":
+        return config.lr * (1 - epoch / config.epochs)
+    return config.lr
+
+
+def _cd_update(rbm, v, chains, config, velocity, lr: float) -> torch.Tensor:
     """One CD-k / PCD-k update in place; returns the chains' new visible states."""
     ph_data = torch.sigmoid(rbm.hidden_logits(v))
     # CD starts at the data, whose p(h|v) is already known; PCD continues its chains.
@@ -152,7 +165,7 @@ def _cd_update(rbm, v, chains, config, velocity) -> torch.Tensor:
     grads = contrastive_gradient(rbm, v, v_neg, ph_data=ph_data, ph_neg=ph)
     grads["W"] = grads["W"] - config.weight_decay * rbm.W
     for name, grad in grads.items():
-        velocity[name].mul_(config.momentum).add_(grad, alpha=config.lr)
+        velocity[name].mul_(config.momentum).add_(grad, alpha=lr)
         getattr(rbm, name).add_(velocity[name])
     return v_neg
 
@@ -204,7 +217,8 @@ def train_rbm(
             order = torch.randperm(num_data, generator=shuffle)
             for begin in range(0, num_data, config.batch_size):
                 v = x_train[order[begin : begin + config.batch_size]]
-                new = _cd_update(rbm, v, chains[: v.shape[0]], config, velocity)
+                lr = learning_rate(config, epoch)
+                new = _cd_update(rbm, v, chains[: v.shape[0]], config, velocity, lr)
                 if config.method == "pcd":
                     chains[: v.shape[0]] = new
                 bar.update(1)
