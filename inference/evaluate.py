@@ -13,7 +13,7 @@ import torch
 
 from . import diagnostics
 from .bounds import evaluate_bounds
-from .runs import RunError, load_run, write_json
+from .runs import RunError, atomic_write, check_device, load_run, write_json
 
 EVAL = "eval.json"
 EVAL_DATAPOINTS = "eval_datapoints.npz"
@@ -57,6 +57,7 @@ def evaluate_run(
         raise RunError(f"--k needs positive particle counts, got {list(ks)}")
     if limit is not None and limit < 1:
         raise RunError(f"--limit must be >= 1, got {limit}")
+    check_device(device)
     config, dataset, model = load_run(run_dir, device=device)
     x = dataset.split(split)[:limit].to(device)
     pyro.set_rng_seed(seed)
@@ -102,10 +103,14 @@ def evaluate_run(
         "elbo": result["elbo"].value,
         **{f"iwae{k}": b.value for k, b in result["iwae"].items()},
     }
-    np.savez_compressed(
-        run_dir / EVAL_DATAPOINTS, **{k: v.cpu().numpy() for k, v in per_point.items()}
-    )
+    arrays = {k: v.cpu().numpy() for k, v in per_point.items()}
+    atomic_write(run_dir / EVAL_DATAPOINTS, lambda tmp: _savez(tmp, arrays))
     return report
+
+
+def _savez(path: Path, arrays: dict) -> None:
+    with open(path, "wb") as f:  # a file object: numpy would append ".npz" to a bare name
+        np.savez_compressed(f, **arrays)
 
 
 def _summary(bound) -> dict:

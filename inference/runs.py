@@ -92,6 +92,7 @@ class TrainConfig(RunConfig):
             raise RunError(f"--hidden needs positive layer sizes, got {self.hidden}")
         from ppl_models.nets import ACTIVATIONS
 
+        check_device(self.device)
         if self.activation not in ACTIVATIONS:
             raise RunError(
                 f"--activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}"
@@ -99,6 +100,16 @@ class TrainConfig(RunConfig):
         if self.z_dim is not None and self.z_dim < 1:
             raise RunError(f"--z-dim must be >= 1, got {self.z_dim}")
         return self
+
+
+def check_device(device: str) -> None:
+    """Raise :class:`RunError` unless torch can use ``device`` here."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise RunError(f"--device {device!r}: {err}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {device!r}: this machine has no CUDA device; use cpu")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

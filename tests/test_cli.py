@@ -105,6 +105,8 @@ def test_demo_writes_table_and_plots(tmp_path, capsys):
         (["train", "--objective", "bogus", "--out", "{tmp}/z"], "invalid choice"),
         (["evaluate", "{tmp}", "--k", "0,5"], "positive integers"),
         (["evaluate", "{tmp}"], "no config.json"),
+        (["train", "--device", "cuda", "--out", "{tmp}/d"], "no CUDA device"),
+        (["train", "--device", "gpu9", "--out", "{tmp}/e"], "--device 'gpu9'"),
     ],
 )
 def test_user_errors_are_one_line(tmp_path, args, message):
