@@ -49,6 +49,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--z-dim", type=int, help="latent dimension")
     p.add_argument("--activation", help="hidden nonlinearity (default tanh)")
     p.add_argument("--guide-type", choices=("exact", "diagonal"), help="linear-gaussian guide")
+    p.add_argument("--layers", type=int, help="hvae: stochastic layers of the encoder (default 2)")
+    p.add_argument(
+        "--corruption", help="hvae: fixed first layer, salt-pepper:P, dropout:P or gaussian:S"
+    )
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

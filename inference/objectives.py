@@ -48,6 +48,12 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.holder["factor"], None
 
 
+def _has_trainable_inputs(fn) -> bool:
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in vars(fn).values())
+
+
 class LogWeightObjective:
     """Base class: negative bound from vectorised log weights, per datapoint then scaled.
 
@@ -76,8 +82,10 @@ class LogWeightObjective:
     @staticmethod
     def _check_reparam(guide_trace) -> None:
         # Every guide site is a latent, also in a conditioned trace where Pyro marks it observed.
+        # A site whose distribution has no trainable parameters (a fixed corruption) needs no
+        # score-function term: its sampling distribution does not move with the parameters.
         for site in sample_sites(guide_trace):
-            if not site["fn"].has_rsample:
+            if not site["fn"].has_rsample and _has_trainable_inputs(site["fn"]):
                 raise ValueError(
                     f"guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
                     "reparameterisable; use the 'trace-elbo' objective for such guides"

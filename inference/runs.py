@@ -78,6 +78,8 @@ class TrainConfig(RunConfig):
     z_dim: int | None = None
     activation: str = "tanh"
     guide_type: str | None = None
+    layers: int | None = None
+    corruption: str | None = None
     device: str = "cpu"
     extra: dict = field(default_factory=dict)
 
@@ -97,6 +99,19 @@ class TrainConfig(RunConfig):
             raise RunError(
                 f"--activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}"
             )
+        if self.layers is not None:
+            self.check_positive("layers")
+        if self.corruption is not None:
+            from ppl_models.hierarchical import parse_corruption
+
+            try:
+                parse_corruption(self.corruption)
+            except ValueError as err:
+                raise RunError(f"--corruption: {err}") from None
+            if self.model != "hvae":
+                raise RunError("--corruption needs --model hvae (it is the encoder's first layer)")
+            if self.layers is not None and self.layers < 2:
+                raise RunError("--corruption is the first of at least 2 layers: use --layers 2+")
         if self.z_dim is not None and self.z_dim < 1:
             raise RunError(f"--z-dim must be >= 1, got {self.z_dim}")
         return self
@@ -232,8 +247,10 @@ def build(config: TrainConfig) -> tuple[Dataset, torch.nn.Module]:
         likelihood=dataset.likelihood,
         hidden=config.hidden,
         z_dim=config.z_dim,
-        activation=config.activation if config.model == "vae" else None,
+        activation=config.activation if config.model != "linear-gaussian" else None,
         guide_type=config.guide_type,
+        layers=config.layers,
+        corruption=config.corruption,
     )
     return dataset, model
 

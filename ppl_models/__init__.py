@@ -1,10 +1,11 @@
 """Generative models as Pyro model/guide pairs. No objective code lives here."""
 
+from .hierarchical import HierarchicalVAE
 from .linear_gaussian import LinearGaussian
 from .nets import mlp
 from .vae import VAE, default_layout
 
-MODELS = ("vae", "linear-gaussian")
+MODELS = ("vae", "hvae", "linear-gaussian")
 
 
 def build_model(name: str, *, x_dim: int, likelihood: str = "bernoulli", **options):
@@ -12,7 +13,7 @@ def build_model(name: str, *, x_dim: int, likelihood: str = "bernoulli", **optio
 
     Parameters
     ----------
-    name : {"vae", "linear-gaussian"}
+    name : {"vae", "hvae", "linear-gaussian"}
         The model.
     x_dim : int
         Data dimension.
@@ -20,18 +21,32 @@ def build_model(name: str, *, x_dim: int, likelihood: str = "bernoulli", **optio
         Observation model, for the VAE.
     **options
         Keyword arguments of the model's constructor (``hidden``, ``z_dim``,
-        ``activation``, ``guide_type``); ``None`` values take the defaults.
+        ``activation``, ``guide_type``, ``layers``, ``corruption``); ``None``
+        values take the defaults.
     """
     options = {k: v for k, v in options.items() if v is not None}
     if name == "vae":
+        options.pop("layers", None)
+        options.pop("corruption", None)
         return VAE(x_dim, likelihood=likelihood, **options)
+    if name == "hvae":
+        options.pop("guide_type", None)
+        return HierarchicalVAE(x_dim, likelihood=likelihood, **options)
     if name == "linear-gaussian":
         if likelihood != "normal":
             raise ValueError("linear-gaussian is a Normal-likelihood model; use real-valued data")
-        options.pop("hidden", None)
-        options.pop("activation", None)
+        for key in ("hidden", "activation", "layers", "corruption"):
+            options.pop(key, None)
         return LinearGaussian(x_dim, **options)
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
-__all__ = ["VAE", "LinearGaussian", "mlp", "default_layout", "build_model", "MODELS"]
+__all__ = [
+    "VAE",
+    "HierarchicalVAE",
+    "LinearGaussian",
+    "mlp",
+    "default_layout",
+    "build_model",
+    "MODELS",
+]

@@ -106,6 +106,15 @@ def test_demo_writes_table_and_plots(tmp_path, capsys):
         (["evaluate", "{tmp}", "--k", "0,5"], "positive integers"),
         (["evaluate", "{tmp}"], "no config.json"),
         (["train", "--device", "cuda", "--out", "{tmp}/d"], "no CUDA device"),
+        (
+            ["train", "--model", "hvae", "--corruption", "pepper:0.1", "--out", "{tmp}/f"],
+            "kind must be one of",
+        ),
+        (
+            ["train", "--model", "hvae", "--corruption", "dropout:2", "--out", "{tmp}/g"],
+            "probability must lie in (0, 1)",
+        ),
+        (["train", "--corruption", "dropout:0.1", "--out", "{tmp}/h"], "needs --model hvae"),
         (["train", "--device", "gpu9", "--out", "{tmp}/e"], "--device 'gpu9'"),
     ],
 )
