@@ -198,23 +198,35 @@ def trace_guide(guide: Callable, args, kwargs, layout: Layout, *, values=None):
     return trace
 
 
-def trace_model(model: Callable, args, kwargs, layout: Layout, *, values):
-    """Trace the model under the particle plate with its latent sites set to ``values``."""
+def trace_model(model: Callable, args, kwargs, layout: Layout, *, values, free=()):
+    """Trace the model under the particle plate with its latent sites set to ``values``.
+
+    Sites named in ``free`` are sampled from the model instead (for example
+    auxiliary sites drawn from a reverse model); any other latent site
+    missing from ``values`` is an error.
+    """
     with pyro.plate(PARTICLE_PLATE, layout.num_particles, dim=-layout.rank):
         trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
     if layout.plate_dim is None:
         layout.find_plate(trace)
     for site in sample_sites(trace):
-        if not site["is_observed"]:
+        if not site["is_observed"] and site["name"] not in free:
             raise ValueError(
                 f"model site {site['name']!r} is latent but the guide does not sample it"
             )
     return trace
 
 
-def log_density(trace, layout: Layout) -> torch.Tensor:
-    """Sum of every sample site's log density, reduced to ``layout.shape``."""
-    terms = [layout.reduce(s, s["fn"].log_prob(s["value"])) for s in sample_sites(trace)]
+def log_density(trace, layout: Layout, *, only=None, exclude=()) -> torch.Tensor:
+    """Sum of the sample sites' log densities, reduced to ``layout.shape``.
+
+    ``only`` (names) restricts the sum to those sites; ``exclude`` leaves some out.
+    """
+    terms = [
+        layout.reduce(s, s["fn"].log_prob(s["value"]))
+        for s in sample_sites(trace)
+        if (only is None or s["name"] in only) and s["name"] not in exclude
+    ]
     return sum(terms[1:], terms[0]) if terms else torch.zeros(layout.shape)
 
 

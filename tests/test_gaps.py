@@ -1,0 +1,157 @@
+"""Hierarchical bounds against closed forms (all-Gaussian, linear model and encoder)."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from inference.gaps import hierarchical_log_densities
+
+D_X, D_H, D_Z = 4, 3, 2
+
+
+def make_problem(seed=0, reverse="random"):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    p = dict(
+        W=rnd(D_X, D_Z), mu=rnd(D_X), sigma=0.7,  # model x | z
+        A=rnd(D_H, D_X, scale=0.5), a=rnd(D_H), sh=0.3 + rnd(D_H).abs(),  # q(h | x)
+        B=rnd(D_Z, D_H, scale=0.5), b=rnd(D_Z), sz=0.2 + rnd(D_Z).abs() * 0.5,  # q(z | h)
+        C=rnd(D_H, D_Z, scale=0.5), Dm=rnd(D_H, D_X, scale=0.3), c=rnd(D_H),
+        sr=0.4 + rnd(D_H).abs() * 0.5,  # r(h | z, x)
+    )  # fmt: skip
+    if reverse == "prior":  # r(h | z, x) = q(h | x)
+        p.update(C=torch.zeros(D_H, D_Z, dtype=torch.float64), Dm=p["A"], c=p["a"], sr=p["sh"])
+    if reverse == "exact":  # r(h | z, x) = q(h | z, x), the Gaussian conditional
+        sig_h = torch.diag(p["sh"] ** 2)
+        cov_z = p["B"] @ sig_h @ p["B"].T + torch.diag(p["sz"] ** 2)
+        gain = sig_h @ p["B"].T @ torch.linalg.inv(cov_z)
+        shrink = torch.eye(D_H, dtype=torch.float64) - gain @ p["B"]
+        p.update(C=gain, Dm=shrink @ p["A"], c=shrink @ p["a"] - gain @ p["b"])
+        p["r_cov"] = shrink @ sig_h
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(D_Z), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ p["W"].T + p["mu"], p["sigma"]).to_event(1), obs=x)
+            loc = z @ p["C"].T + x @ p["Dm"].T + p["c"]
+            if "r_cov" in p:
+                pyro.sample("h", dist.MultivariateNormal(loc, p["r_cov"]))
+            else:
+                pyro.sample("h", dist.Normal(loc, p["sr"]).to_event(1))
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            h = pyro.sample("h", dist.Normal(x @ p["A"].T + p["a"], p["sh"]).to_event(1))
+            pyro.sample("z", dist.Normal(h @ p["B"].T + p["b"], p["sz"]).to_event(1))
+
+    return p, model, guide
+
+
+def closed_forms(p, x):
+    """L_marg, L_h, L_aux, I(z; h | x) and log p(x) per datapoint, exactly."""
+    sig_h = torch.diag(p["sh"] ** 2)
+    sig_z = torch.diag(p["sz"] ** 2)
+    m_h = x @ p["A"].T + p["a"]
+    m = m_h @ p["B"].T + p["b"]
+    cov = p["B"] @ sig_h @ p["B"].T + sig_z  # q(z | x)
+    W, mu, s2 = p["W"], p["mu"], p["sigma"] ** 2
+    resid = x - m @ W.T - mu
+    e_log_pz = -0.5 * D_Z * math.log(2 * math.pi) - 0.5 * (torch.trace(cov) + (m**2).sum(1))
+    e_log_px_z = -0.5 * D_X * math.log(2 * math.pi * s2) - 0.5 / s2 * (
+        (resid**2).sum(1) + torch.trace(W @ cov @ W.T)
+    )
+    e_log_p = e_log_pz + e_log_px_z
+
+    def entropy(c):
+        return 0.5 * torch.logdet(2 * math.pi * math.e * c)
+
+    l_marg = e_log_p + entropy(cov)
+    l_h = e_log_p + entropy(sig_z)
+    # E[log r(h | z, x)]: u = h - C z is Gaussian given x
+    C = p["C"]
+    m_u = m_h - m @ C.T - x @ p["Dm"].T - p["c"]
+    cross = sig_h @ p["B"].T  # Cov(h, z)
+    cov_u = sig_h - cross @ C.T - C @ cross.T + C @ cov @ C.T
+    prec = torch.diag(1 / p["sr"] ** 2)
+    e_log_r = (
+        -0.5 * D_H * math.log(2 * math.pi)
+        - torch.log(p["sr"]).sum()
+        - 0.5 * (((m_u**2) * (1 / p["sr"] ** 2)).sum(1) + torch.trace(prec @ cov_u))
+    )
+    l_aux = e_log_p + e_log_r + entropy(sig_h) + entropy(sig_z)
+    marginal = dist.MultivariateNormal(mu, W @ W.T + s2 * torch.eye(D_X, dtype=torch.float64))
+    mi = entropy(cov) - entropy(sig_z)
+    return dict(l_marg=l_marg, l_h=l_h, l_aux=l_aux, mi=mi, log_px=marginal.log_prob(x))
+
+
+def data(n, seed):
+    return torch.randn(n, D_X, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def within(log_w, target, sigmas=4.0):
+    """Mean over particles equals ``target`` within ``sigmas`` Monte Carlo standard errors."""
+    mean, se = log_w.mean(0), log_w.std(0) / math.sqrt(log_w.shape[0])
+    return bool(((mean - target).abs() < sigmas * se + 1e-9).all())
+
+
+def test_hierarchical_terms_match_closed_forms(float64):
+    p, model, guide = make_problem(0)
+    x = data(5, 1)
+    exact = closed_forms(p, x)
+    k = 20000
+    terms = hierarchical_log_densities(
+        model, guide, x, aux_sites=["h"], num_particles=k, inner_samples=(1,)
+    )
+    assert within(terms["log_w_aux"], exact["l_aux"])
+    assert within(terms["log_w_h"], exact["l_h"])
+    # the chain: L_marg >= L_aux and L_marg >= L_h, the gap to L_h being I(z; h | x)
+    assert (exact["l_marg"] >= exact["l_aux"]).all() and (exact["l_marg"] >= exact["l_h"]).all()
+    assert torch.allclose(exact["l_marg"] - exact["l_h"], exact["mi"])
+    assert (exact["mi"] > 0).all()
+    # IWAE with the extended target p(x, z) r(h | z, x) is still a bound on log p(x)
+    lse = torch.logsumexp(terms["log_w_aux"], 0) - math.log(k)
+    assert (lse <= exact["log_px"] + 0.01).all() and (lse > exact["l_aux"]).all()
+
+
+def test_exact_reverse_model_makes_the_plug_in_exact(float64):
+    """With r(h|z,x) = q(h|z,x), q(z|h) q(h|x) / r(h|z,x) = q(z|x) for every h."""
+    p, model, guide = make_problem(2, reverse="exact")
+    x = data(4, 3)
+    exact = closed_forms(p, x)
+    terms = hierarchical_log_densities(
+        model, guide, x, aux_sites=["h"], num_particles=4000, inner_samples=(1, 7)
+    )
+    assert torch.allclose(terms["log_w_marg[1]"], terms["log_w_marg[7]"], atol=1e-8)
+    assert torch.allclose(terms["log_w_aux"], terms["log_w_marg[1]"], atol=1e-8)
+    assert within(terms["log_w_marg[1]"], exact["l_marg"])
+
+
+def test_plug_in_bias_is_positive_and_shrinks_with_s(float64):
+    p, model, guide = make_problem(4)
+    x = data(3, 5)
+    exact = closed_forms(p, x)
+    k = 2000
+    terms = hierarchical_log_densities(
+        model, guide, x, aux_sites=["h"], num_particles=k, inner_samples=(1, 10, 100)
+    )
+    marg = {s: terms[f"log_w_marg[{s}]"] for s in (1, 10, 100)}
+    se = {s: v.std(0) / math.sqrt(k) for s, v in marg.items()}
+    mean = {s: v.mean(0) for s, v in marg.items()}
+    for small, large in ((1, 10), (10, 100)):
+        assert (mean[small] > mean[large] - 4 * (se[small] + se[large])).all()
+    assert (mean[100] > exact["l_marg"] - 4 * se[100]).all()
+    assert (mean[1] - mean[100]).sum() > 0
+
+
+def test_reverse_model_equal_to_q_h_gives_l_aux_equal_l_h(float64):
+    p, model, guide = make_problem(1, reverse="prior")
+    x = torch.randn(3, D_X, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    terms = hierarchical_log_densities(
+        model, guide, x, aux_sites=["h"], num_particles=50, inner_samples=(1,)
+    )
+    assert torch.allclose(terms["log_w_aux"], terms["log_w_h"], atol=1e-10)
