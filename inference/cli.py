@@ -200,6 +200,19 @@ def cmd_rbm_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gaps(args: argparse.Namespace) -> int:
+    from .gaps import format_gaps, gaps_run
+
+    report = gaps_run(
+        args.run, split=args.split, limit=args.limit, num_particles=args.k,
+        inner_samples=args.inner_samples, marg_particles=args.marg_particles,
+        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+    )  # fmt: skip
+    print(format_gaps(report))
+    print(f"written {args.run}/gaps.json, gaps.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="elbolab",
@@ -225,6 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("gaps", help="log p(x), L_marg, L_aux, L_h and every gap, with errors")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--split", default="test", help="data split (default test)")
+    p.add_argument("--limit", type=int, help="only the first N datapoints")
+    p.add_argument("--k", type=int, default=1000, help="particles for log p(x) (default 1000)")
+    p.add_argument("--inner-samples", type=_int_list, default=[1, 10, 100],
+                   help="S for the L_marg estimate (default 1,10,100)")  # fmt: skip
+    p.add_argument("--marg-particles", type=int, default=10, help="outer draws for L_marg")
+    p.add_argument("--batch-size", type=int, default=100, help="datapoints per pass")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_gaps)
 
     p = sub.add_parser("diagnose", help="NUTS reference posteriors vs the guide, with k-hat")
     p.add_argument("run", help="run directory")

@@ -117,3 +117,384 @@ def hierarchical_log_densities(
                 log_q_hat.append(logsumexp(terms, 0) - math.log(s))
             out[f"log_w_marg[{s}]"] = log_p - torch.cat(log_q_hat)
     return out
+
+
+def hierarchical_bounds(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    *,
+    aux_sites: Sequence[str],
+    num_particles: int,
+    inner_samples: Sequence[int] = (1, 10, 100, 1000),
+    marg_particles: int | None = None,
+    **kwargs,
+) -> dict:
+    r"""The measurable chain log p(x) >= L_marg >= L_aux and L_marg >= L_h, per datapoint.
+
+    Returns a dict of :class:`~inference.bounds.Bound` (per datapoint, with
+    Monte Carlo standard errors): ``log_px`` (IWAE over ``num_particles``
+    with the extended target p(x, z) r(h | z, x)), ``l_aux``, ``l_h``, and for
+    each S in ``inner_samples``: ``l_marg[S]``, ``mutual_information[S]`` =
+    l_marg - l_h = I_q(z; h | x) and ``reverse_slack[S]`` = l_marg - l_aux =
+    E KL(q(h | z, x) || r(h | z, x)). Differences are formed per particle, so
+    their standard errors are those of paired differences. L_marg uses the
+    first ``marg_particles`` particles (default all): its inner estimate costs
+    S times more per particle.
+    """
+    from .bounds import Bound, elbo_bound, iwae_bound
+
+    marg_particles = marg_particles or num_particles
+    terms = hierarchical_log_densities(
+        model, guide, x, aux_sites=aux_sites, num_particles=num_particles,
+        inner_samples=(), **kwargs,
+    )  # fmt: skip
+    if inner_samples:
+        marg = hierarchical_log_densities(
+            model, guide, x, aux_sites=aux_sites, num_particles=marg_particles,
+            inner_samples=inner_samples, **kwargs,
+        )  # fmt: skip
+    out: dict[str, Bound] = {
+        "log_px": iwae_bound(terms["log_w_aux"]),
+        "l_aux": elbo_bound(terms["log_w_aux"]),
+        "l_h": elbo_bound(terms["log_w_h"]),
+    }
+    for s in inner_samples:
+        log_w_marg = marg[f"log_w_marg[{s}]"]
+        out[f"l_marg[{s}]"] = elbo_bound(log_w_marg)
+        out[f"mutual_information[{s}]"] = elbo_bound(log_w_marg - marg["log_w_h"])
+        out[f"reverse_slack[{s}]"] = elbo_bound(log_w_marg - marg["log_w_aux"])
+    return out
+
+
+def aggregate_posterior_terms(
+    posterior: Callable[[torch.Tensor], object],
+    prior: object,
+    x: torch.Tensor,
+    *,
+    chunk_size: int = 512,
+) -> dict[str, float]:
+    r"""ELBO surgery: the average KL term split into I_q(x; z) + KL(q(z) || p(z)).
+
+    With the aggregate posterior q(z) = (1/N) sum_n q(z | x_n) over the rows of
+    ``x`` (Hoffman & Johnson 2016),
+
+        (1/N) sum_n KL(q(z | x_n) || p(z)) = I_q(x; z) + KL(q(z) || p(z)),
+
+    where KL(q(z) || p(z)) is estimated with one draw z_n ~ q(z | x_n) per
+    datapoint and log q(z_n) = logsumexp_m log q(z_n | x_m) - log N (an O(N^2)
+    sum, done in chunks). I_q(x; z) <= log N.
+
+    Parameters
+    ----------
+    posterior : callable
+        ``posterior(x)`` -> a distribution q(z | x) batched over the rows of x
+        (for example ``VAE.posterior``), whose ``log_prob`` broadcasts.
+    prior : distribution
+        p(z), with the same event shape.
+    x : torch.Tensor
+        The data (N rows).
+
+    Returns
+    -------
+    dict
+        ``average_kl``, ``marginal_kl`` (KL(q(z) || p(z))), ``mutual_information``
+        (I_q(x; z)), ``log_n`` (its upper bound), in nats.
+
+    References
+    ----------
+    Hoffman & Johnson (2016), ELBO surgery: yet another way to carve up the
+    variational evidence lower bound, NIPS Workshop on Advances in Approximate
+    Bayesian Inference.
+    """
+    from pyro.distributions.kl import kl_divergence
+
+    from .bounds import logsumexp
+
+    n = x.shape[0]
+    with torch.no_grad():
+        q = posterior(x)
+        z = q.sample()
+        try:
+            average_kl = float(kl_divergence(q, prior).mean())
+        except NotImplementedError:
+            average_kl = float((q.log_prob(z) - prior.log_prob(z)).mean())
+        log_q_marginal = []
+        for start in range(0, n, chunk_size):
+            zc = z[start : start + chunk_size]
+            log_q = q.log_prob(zc.unsqueeze(1))  # (chunk, N): every draw under every component
+            log_q_marginal.append(logsumexp(log_q, 1) - math.log(n))
+        log_q_marginal = torch.cat(log_q_marginal)
+        marginal_kl = float((log_q_marginal - prior.log_prob(z)).mean())
+    return {
+        "average_kl": average_kl,
+        "marginal_kl": marginal_kl,
+        "mutual_information": average_kl - marginal_kl,
+        "log_n": math.log(n),
+    }
+
+
+def amortization_split(
+    model,
+    x: torch.Tensor,
+    *,
+    log_px: torch.Tensor,
+    steps: int = 500,
+    lr: float = 0.01,
+    num_particles: int = 10,
+    eval_particles: int = 1000,
+) -> dict[str, torch.Tensor]:
+    r"""Split log p(x) - ELBO(q) into approximation and amortisation gaps, per datapoint.
+
+    Cremer, Li & Duvenaud (2018): q* is the best member of the guide's family
+    for each datapoint, found by optimising local parameters (location and
+    scale of the diagonal Normal q(z | x_n)) from the encoder's output, so
+
+        log p(x) - ELBO(q) = [log p(x) - ELBO(q*)] + [ELBO(q*) - ELBO(q)]
+                             (approximation gap)     (amortisation gap).
+
+    The two parts add up to the total gap by construction; each ELBO is
+    estimated with ``eval_particles`` draws. ``model`` needs ``model.model``
+    and ``posterior(x)`` returning an ``Independent(Normal)`` over site "z".
+
+    Returns
+    -------
+    dict
+        Per-datapoint ``elbo_amortized``, ``elbo_optimal``, ``approximation_gap``,
+        ``amortization_gap``, ``total_gap`` (tensors of shape (N,)).
+    """
+    import pyro
+    import pyro.distributions as dist
+    from torch.nn import functional as F
+
+    from .bounds import elbo_bound, log_importance_weights
+    from .objectives import make_objective
+
+    with torch.no_grad():
+        q = model.posterior(x)
+        base = getattr(q, "base_dist", q)
+        if not isinstance(base, dist.Normal):
+            raise ValueError("the amortisation split needs a diagonal-Normal q(z | x)")
+        loc = base.loc.clone().requires_grad_(True)
+        # softplus^{-1}(scale): the local guide's scale parameterisation
+        raw = torch.log(torch.expm1(base.scale.clamp(min=1e-6))).requires_grad_(True)
+
+    def local_guide(x, *, num_data=None):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, F.softplus(raw) + 1e-6).to_event(1))
+
+    params = list(model.parameters())
+    requires = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        objective = make_objective("elbo", num_particles=num_particles)
+        optimizer = torch.optim.Adam([loc, raw], lr=lr)
+        with pyro.validation_enabled(False):
+            for _ in range(steps):
+                optimizer.zero_grad()
+                objective.differentiable_loss(model.model, local_guide, x).backward()
+                optimizer.step()
+    finally:
+        for p, flag in zip(params, requires, strict=True):
+            p.requires_grad_(flag)
+    amortized = elbo_bound(
+        log_importance_weights(model.model, model.guide, x, num_particles=eval_particles)
+    ).value
+    optimal = elbo_bound(
+        log_importance_weights(model.model, local_guide, x, num_particles=eval_particles)
+    ).value
+    return {
+        "elbo_amortized": amortized,
+        "elbo_optimal": optimal,
+        "approximation_gap": log_px - optimal,
+        "amortization_gap": optimal - amortized,
+        "total_gap": log_px - amortized,
+    }
+
+
+# ---------------------------------------------------------------------------
+# elbolab gaps
+# ---------------------------------------------------------------------------
+
+GAPS = "gaps.json"
+
+
+def _concat_bounds(parts: list[dict]) -> dict:
+    from .bounds import Bound
+
+    return {
+        name: Bound(
+            torch.cat([p[name].value for p in parts]), torch.cat([p[name].stderr for p in parts])
+        )
+        for name in parts[0]
+    }
+
+
+def _inequality(name: str, high: tuple, low: tuple, *, paired_se: float | None = None) -> dict:
+    """Whether ``high >= low`` held at 3 standard errors."""
+    diff = high[0] - low[0]
+    se = paired_se if paired_se is not None else math.hypot(high[1], low[1])
+    if diff > 3 * se:
+        verdict = "held (strictly, > 3 s.e.)"
+    elif diff >= -3 * se:
+        verdict = "held within 3 s.e. (equality not excluded)"
+    else:
+        verdict = "VIOLATED by more than 3 s.e."
+    return {"inequality": name, "difference": diff, "stderr": se, "verdict": verdict}
+
+
+def gaps_run(
+    run_dir,
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    num_particles: int = 1000,
+    inner_samples: Sequence[int] = (1, 10, 100),
+    marg_particles: int = 10,
+    batch_size: int = 100,
+    cremer_steps: int = 300,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Every bound and gap of a trained run on one split; writes ``gaps.json`` and ``gaps.png``."""
+    from pathlib import Path
+
+    import pyro
+    from tqdm.auto import tqdm
+
+    from . import diagnostics
+    from .bounds import log_importance_weights
+    from .plots import plot_gaps
+    from .runs import load_run, write_json
+
+    run_dir = Path(run_dir)
+    config, dataset, model = load_run(run_dir)
+    x_all = dataset.split(split)[:limit]
+    aux = list(getattr(model, "h_names", []))
+    pyro.set_rng_seed(seed)
+    parts, khats, splits = [], [], []
+    batches = range(0, x_all.shape[0], batch_size)
+    for start in tqdm(batches, desc="gaps", disable=not progress, leave=False):
+        x = x_all[start : start + batch_size]
+        bounds = hierarchical_bounds(
+            model.model, model.guide, x, aux_sites=aux, num_particles=num_particles,
+            inner_samples=inner_samples if aux else (), marg_particles=marg_particles,
+        )  # fmt: skip
+        if not aux:  # one stochastic layer: q(z|x) is exact, L_marg = L_aux = L_h
+            for s in inner_samples:
+                bounds[f"l_marg[{s}]"] = bounds["l_aux"]
+        parts.append(bounds)
+        log_w = log_importance_weights(model.model, model.guide, x, num_particles=num_particles)
+        khats.append(torch.as_tensor(diagnostics.psis_khat(log_w)).reshape(-1))
+        if not aux:
+            splits.append(
+                amortization_split(model, x, log_px=bounds["log_px"].value, steps=cremer_steps)
+            )
+    bounds = _concat_bounds(parts)
+    summary = {
+        name: dict(zip(("mean", "stderr"), b.mean(), strict=True)) for name, b in bounds.items()
+    }
+    s_max = max(inner_samples)
+    marg = summary[f"l_marg[{s_max}]"]
+    chain = [
+        _inequality("log p(x) >= L_marg", _pair(summary["log_px"]), _pair(marg)),
+        _inequality(
+            "L_marg >= L_aux",
+            _pair(marg),
+            _pair(summary["l_aux"]),
+            paired_se=summary.get(f"reverse_slack[{s_max}]", {}).get("stderr"),
+        ),  # fmt: skip
+        _inequality(
+            "L_marg >= L_h",
+            _pair(marg),
+            _pair(summary["l_h"]),
+            paired_se=summary.get(f"mutual_information[{s_max}]", {}).get("stderr"),
+        ),  # fmt: skip
+    ]
+    if aux and len(inner_samples) > 1:
+        # The plug-in is biased upwards, less so as S grows: has it stopped moving?
+        s_prev = sorted(inner_samples)[-2]
+        drop = summary[f"l_marg[{s_prev}]"]["mean"] - marg["mean"]
+        spread = math.hypot(summary[f"l_marg[{s_prev}]"]["stderr"], marg["stderr"])
+        converged = drop < 3 * spread
+        if not converged:
+            chain[0]["verdict"] += (
+                f" (L_marg's plug-in estimate fell by {drop:.2f} from S={s_prev} to S={s_max}: "
+                "not converged, biased upwards; raise --inner-samples)"
+            )
+    else:
+        converged = True
+    khat = torch.cat(khats).numpy()
+    report = {
+        "run": str(run_dir),
+        "model": config.model,
+        "layers": getattr(model, "layers", 1),
+        "objective": config.objective,
+        "split": split,
+        "num_datapoints": int(x_all.shape[0]),
+        "num_particles": num_particles,
+        "inner_samples": list(inner_samples),
+        "marg_particles": marg_particles,
+        "seed": seed,
+        "bounds": summary,
+        "chain": chain,
+        "l_marg_converged": converged,
+        "khat": diagnostics.khat_summary(khat),
+        "active_units": active_units(posterior_means(model.guide, x_all[:2000])),
+    }
+    if splits:
+        joined = {k: torch.cat([s[k] for s in splits]) for k in splits[0]}
+        report["cremer"] = {
+            k: {"mean": float(v.mean()), "stderr": float(v.std() / math.sqrt(v.numel()))}
+            for k, v in joined.items()
+        }
+        report["surgery"] = aggregate_posterior_terms(
+            model.posterior, model.prior(x_all), x_all[:2000]
+        )
+    write_json(run_dir / GAPS, report)
+    plot_gaps(report, run_dir / "gaps.png")
+    return report
+
+
+def _pair(summary: dict) -> tuple[float, float]:
+    return summary["mean"], summary["stderr"]
+
+
+def format_gaps(report: dict) -> str:
+    """The inequality chain and gap table printed by ``elbolab gaps``."""
+    b = report["bounds"]
+    lines = [
+        f"{report['run']}: {report['model']} with {report['layers']} stochastic layer(s), "
+        f"{report['split']} split ({report['num_datapoints']} datapoints), "
+        f"K={report['num_particles']}",
+        f"{'term':<28}{'nats':>11}{'stderr':>9}",
+    ]
+    for name, value in b.items():
+        lines.append(f"{name:<28}{value['mean']:>11.3f}{value['stderr']:>9.3f}")
+    for item in report["chain"]:
+        lines.append(
+            f"{item['inequality']:<22} difference {item['difference']:8.3f} "
+            f"+- {item['stderr']:.3f}: {item['verdict']}"
+        )
+    if "cremer" in report:
+        c = report["cremer"]
+        lines.append(
+            f"Cremer split of log p(x) - ELBO = {c['total_gap']['mean']:.3f}: approximation "
+            f"{c['approximation_gap']['mean']:.3f} +- {c['approximation_gap']['stderr']:.3f}, "
+            f"amortisation {c['amortization_gap']['mean']:.3f} "
+            f"+- {c['amortization_gap']['stderr']:.3f}"
+        )
+        s = report["surgery"]
+        lines.append(
+            f"ELBO surgery: average KL {s['average_kl']:.3f} = I_q(x;z) "
+            f"{s['mutual_information']:.3f} (<= log N = {s['log_n']:.2f}) + KL(q(z)||p(z)) "
+            f"{s['marginal_kl']:.3f}"
+        )
+    lines.append(f"active units: {report['active_units']}")
+    from .diagnostics import khat_warning
+
+    warning = khat_warning(report["khat"], what=f"the IWAE-{report['num_particles']} estimate")
+    if warning:
+        lines.append(warning)
+    return "\n".join(lines)

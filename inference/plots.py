@@ -137,3 +137,18 @@ def plot_compare(rows: list[dict], khats: dict[str, np.ndarray], path: Path) -> 
     right.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_gaps(report: dict, path: Path) -> Path:
+    """The bounds of a ``gaps.json`` report as a ladder with error bars."""
+    names = [n for n in report["bounds"] if not n.startswith(("mutual", "reverse"))]
+    means = [report["bounds"][n]["mean"] for n in names]
+    errs = [report["bounds"][n]["stderr"] for n in names]
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(names) + 1.5))
+    ax.errorbar(means, range(len(names)), xerr=[3 * e for e in errs], fmt="o", capsize=4)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("nats per datapoint (bars: 3 standard errors)")
+    ax.set_title(f"{report['model']}, {report['layers']} layer(s): bounds on log p(x)")
+    fig.tight_layout()
+    return _save(fig, path)
