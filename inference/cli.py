@@ -213,6 +213,20 @@ def cmd_gaps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiments import format_experiment, stochastic_layers
+
+    result = stochastic_layers(
+        out=args.out, data=args.data, data_path=args.data_path, objective=args.objective,
+        num_particles=args.num_particles, epochs=args.epochs, seeds=args.seeds,
+        hidden=args.hidden, z_dim=args.z_dim, eval_particles=args.k,
+        inner_samples=args.inner_samples, limit=args.limit, progress=not args.no_progress,
+    )  # fmt: skip
+    print(format_experiment(result))
+    print(f"written {args.out}/experiment.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="elbolab",
@@ -251,6 +265,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_gaps)
+
+    p = sub.add_parser("experiment", help="experiments; stochastic-layers: L = 1, 2, 3, denoising")
+    p.add_argument("name", choices=("stochastic-layers",), help="which experiment")
+    p.add_argument("--out", default="runs/stochastic-layers", help="folder for the runs")
+    p.add_argument("--data", choices=("digits", "binarized-mnist"), default="digits")
+    p.add_argument("--data-path", help="binarized MNIST .npz or .amat folder")
+    p.add_argument("--objective", choices=OBJECTIVES, default="iwae")
+    p.add_argument("--num-particles", type=int, default=5, help="K in training (default 5)")
+    p.add_argument("--epochs", type=int, default=100, help="epochs per run (default 100)")
+    p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="default 0,1,2")
+    p.add_argument("--hidden", type=_int_list, help="hidden widths")
+    p.add_argument("--z-dim", type=int, help="latent dimension")
+    p.add_argument("--k", type=int, default=1000, help="particles for the bounds")
+    p.add_argument("--inner-samples", type=_int_list, default=[1, 10, 100])
+    p.add_argument("--limit", type=int, help="evaluate the first N test datapoints")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("diagnose", help="NUTS reference posteriors vs the guide, with k-hat")
     p.add_argument("run", help="run directory")
