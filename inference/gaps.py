@@ -128,6 +128,7 @@ def hierarchical_bounds(
     num_particles: int,
     inner_samples: Sequence[int] = (1, 10, 100, 1000),
     marg_particles: int | None = None,
+    statistics: dict[str, Callable[[torch.Tensor], object]] | None = None,
     **kwargs,
 ) -> dict:
     r"""The measurable chain log p(x) >= L_marg >= L_aux and L_marg >= L_h, per datapoint.
@@ -140,7 +141,9 @@ def hierarchical_bounds(
     E KL(q(h | z, x) || r(h | z, x)). Differences are formed per particle, so
     their standard errors are those of paired differences. L_marg uses the
     first ``marg_particles`` particles (default all): its inner estimate costs
-    S times more per particle.
+    S times more per particle. ``statistics`` maps names to functions of the
+    (K, N) log weights (for example the PSIS k-hat), returned under
+    ``"statistics"``.
     """
     from .bounds import Bound, elbo_bound, iwae_bound
 
@@ -164,7 +167,8 @@ def hierarchical_bounds(
         out[f"l_marg[{s}]"] = elbo_bound(log_w_marg)
         out[f"mutual_information[{s}]"] = elbo_bound(log_w_marg - marg["log_w_h"])
         out[f"reverse_slack[{s}]"] = elbo_bound(log_w_marg - marg["log_w_aux"])
-    return out
+    stats = {name: fn(terms["log_w_aux"]) for name, fn in (statistics or {}).items()}
+    return {"bounds": out, "statistics": stats}
 
 
 def aggregate_posterior_terms(
@@ -364,7 +368,6 @@ def gaps_run(
     from tqdm.auto import tqdm
 
     from . import diagnostics
-    from .bounds import log_importance_weights
     from .plots import plot_gaps
     from .runs import load_run, write_json
 
@@ -377,16 +380,17 @@ def gaps_run(
     batches = range(0, x_all.shape[0], batch_size)
     for start in tqdm(batches, desc="gaps", disable=not progress, leave=False):
         x = x_all[start : start + batch_size]
-        bounds = hierarchical_bounds(
+        result = hierarchical_bounds(
             model.model, model.guide, x, aux_sites=aux, num_particles=num_particles,
             inner_samples=inner_samples if aux else (), marg_particles=marg_particles,
+            statistics={"khat": diagnostics.psis_khat},
         )  # fmt: skip
+        bounds = result["bounds"]
         if not aux:  # one stochastic layer: q(z|x) is exact, L_marg = L_aux = L_h
             for s in inner_samples:
                 bounds[f"l_marg[{s}]"] = bounds["l_aux"]
         parts.append(bounds)
-        log_w = log_importance_weights(model.model, model.guide, x, num_particles=num_particles)
-        khats.append(torch.as_tensor(diagnostics.psis_khat(log_w)).reshape(-1))
+        khats.append(torch.as_tensor(result["statistics"]["khat"]).reshape(-1))
         if not aux:
             splits.append(
                 amortization_split(model, x, log_px=bounds["log_px"].value, steps=cremer_steps)
