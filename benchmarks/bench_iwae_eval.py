@@ -54,11 +54,12 @@ def matmul_rate(rows: int, sizes: list[int], repeats: int = 20) -> float:
     return flops / best
 
 
-def untrained_run(path: Path) -> Path:
-    config = TrainConfig(data="binarized-mnist", data_path=str(SHARED_MNIST), epochs=1)
+def untrained_run(path: Path, **options) -> Path:
+    """A run directory holding an untrained model (speed does not depend on the weights)."""
+    config = TrainConfig(data="binarized-mnist", data_path=str(SHARED_MNIST), epochs=1, **options)
     _, model = build(config)
     path.mkdir(parents=True, exist_ok=True)
-    write_json(path / "config.json", config.__dict__)
+    write_json(path / "config.json", config.to_dict())
     save_checkpoint(path, {"epoch": 0, "model": model.state_dict()})
     return path
 
