@@ -20,8 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_iwae_eval import untrained_run
-from common import ROOT, save
+from common import ROOT, save, untrained_run
 
 
 def main() -> None:

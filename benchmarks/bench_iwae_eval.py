@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, SHARED_MNIST, save
+from common import ROOT, save, untrained_run
 
-from inference.runs import TrainConfig, build, save_checkpoint, write_json
+from inference.runs import TrainConfig, build
 
 
 def network_flops(x_dim: int, hidden: list[int], z_dim: int, k: int) -> float:
@@ -52,16 +52,6 @@ def matmul_rate(rows: int, sizes: list[int], repeats: int = 20) -> float:
             h = h @ m
         best = min(best, time.perf_counter() - tic)
     return flops / best
-
-
-def untrained_run(path: Path, **options) -> Path:
-    """A run directory holding an untrained model (speed does not depend on the weights)."""
-    config = TrainConfig(data="binarized-mnist", data_path=str(SHARED_MNIST), epochs=1, **options)
-    _, model = build(config)
-    path.mkdir(parents=True, exist_ok=True)
-    write_json(path / "config.json", config.to_dict())
-    save_checkpoint(path, {"epoch": 0, "model": model.state_dict()})
-    return path
 
 
 def main() -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from inference.runs import TrainConfig, build, save_checkpoint, write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "binarized_mnist.npz"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -52,4 +54,14 @@ def save(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({**result, "machine": machine()}, indent=2) + "\n")
+    return path
+
+
+def untrained_run(path: Path, **options) -> Path:
+    """A run directory holding an untrained model (speed does not depend on the weights)."""
+    config = TrainConfig(data="binarized-mnist", data_path=str(SHARED_MNIST), epochs=1, **options)
+    _, model = build(config)
+    path.mkdir(parents=True, exist_ok=True)
+    write_json(path / "config.json", config.to_dict())
+    save_checkpoint(path, {"epoch": 0, "model": model.state_dict()})
     return path
