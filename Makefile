@@ -31,8 +31,11 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/exactness.py
 	$(BIN)/python benchmarks/bench_train_step.py
 	$(BIN)/python benchmarks/bench_iwae_eval.py
+	$(BIN)/python benchmarks/bench_gaps.py
+	$(BIN)/python benchmarks/bench_rbm.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
