@@ -70,7 +70,8 @@ def main() -> None:
     rows = 20_000  # evaluate_bounds' default rows per vectorised pass
     peak_before = matmul_rate(rows, [z_dim, *hidden[::-1], 784])
 
-    cmd = [sys.executable, "-m", "inference.cli", "evaluate", str(run), "--k", str(args.k),
+    ks = ",".join(str(k) for k in sorted({1, 50, args.k}))
+    cmd = [sys.executable, "-m", "inference.cli", "evaluate", str(run), "--k", ks,
            "--limit", str(args.limit), "--no-progress"]  # fmt: skip
     tic = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
