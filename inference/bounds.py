@@ -461,7 +461,7 @@ def evaluate_bounds(
     *,
     ks: Sequence[int],
     batch_size: int = 100,
-    max_rows: int = 20_000,
+    max_rows: int = 2_000,
     decomposition_particles: int = 100,
     statistics: Mapping[str, Callable[[torch.Tensor], object]] | None = None,
     progress: bool = True,

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .nets import mlp
-from .vae import _MIN_SCALE, LIKELIHOODS, data_plate, default_layout
+from .vae import _MIN_SCALE, LIKELIHOODS, BernoulliLogits, data_plate, default_layout
 
 CORRUPTIONS = ("salt-pepper", "dropout", "gaussian")
 
@@ -182,7 +182,7 @@ class HierarchicalVAE(PyroModule):
     def likelihood_dist(self, z: torch.Tensor) -> dist.Distribution:
         out = self.decoder(z)
         if self.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=out).to_event(1)
+            return BernoulliLogits(out).to_event(1)
         return dist.Normal(out, F.softplus(self.x_scale_raw) + _MIN_SCALE).to_event(1)
 
     def prior(self, like: torch.Tensor) -> dist.Distribution:

@@ -28,6 +28,32 @@ LIKELIHOODS = ("bernoulli", "normal")
 _MIN_SCALE = 1e-4
 
 
+class BernoulliLogits(dist.Bernoulli):
+    r"""Bernoulli(logits) whose log_prob is ``x * l - softplus(l)``.
+
+    The same normalised density as ``pyro.distributions.Bernoulli``
+    (log sigmoid(l) for x = 1, log sigmoid(-l) for x = 0), computed in two
+    elementwise passes instead of binary_cross_entropy_with_logits' many: the
+    likelihood is the most expensive term of an IWAE-5000 evaluation.
+    """
+
+    def __init__(self, logits: torch.Tensor, validate_args=None) -> None:
+        super().__init__(logits=logits, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(BernoulliLogits, _instance)
+        return super().expand(batch_shape, _instance=new)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        # softplus's backward needs its input, not its output: the in-place ops are safe.
+        out = F.softplus(self.logits).neg_()
+        if torch.broadcast_shapes(value.shape, out.shape) == out.shape:
+            return out.addcmul_(value, self.logits)
+        return torch.addcmul(out, value, self.logits)
+
+
 def default_layout(x_dim: int) -> tuple[tuple[int, ...], int]:
     """Hidden sizes and latent size: the IWAE paper's 784-200-200-50, scaled to ``x_dim``.
 
@@ -108,7 +134,7 @@ class VAE(PyroModule):
         """p(x | z) with the data dimension as its event."""
         out = self.decoder(z)
         if self.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=out).to_event(1)
+            return BernoulliLogits(out).to_event(1)
         return dist.Normal(out, F.softplus(self.x_scale_raw) + _MIN_SCALE).to_event(1)
 
     def prior(self, like: torch.Tensor) -> dist.Distribution:

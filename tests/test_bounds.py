@@ -216,3 +216,26 @@ def test_decomposition_closed_form(float64):
     q_full = dist.MultivariateNormal(q.mean, torch.diag_embed(q.variance))
     gap = torch.distributions.kl_divergence(q_full, post)
     assert ((lg.log_marginal(x) - elbo.value - gap).abs() < 5 * elbo.stderr).all()
+
+
+def test_fast_bernoulli_matches_pyro_bernoulli(float64):
+    import pyro.distributions as dist
+
+    from ppl_models.vae import BernoulliLogits
+
+    logits = torch.cat([torch.linspace(-40, 40, 81), torch.tensor([0.0, 1e-8, -1e-8])])
+    for value in (torch.zeros_like(logits), torch.ones_like(logits)):
+        ours = BernoulliLogits(logits).log_prob(value)
+        theirs = dist.Bernoulli(logits=logits).log_prob(value)
+        assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-6)
+    x = (torch.rand(3, 5) < 0.5).double()
+    wide = BernoulliLogits(torch.randn(4, 3, 5)).to_event(1)
+    assert wide.log_prob(x).shape == (4, 3)
+    assert isinstance(BernoulliLogits(torch.zeros(3)).expand((2, 3)), BernoulliLogits)
+    narrow = BernoulliLogits(torch.randn(5))  # value with more dims than the logits
+    assert torch.allclose(
+        narrow.log_prob(x), dist.Bernoulli(logits=narrow.logits).log_prob(x), atol=1e-12
+    )
+    assert torch.allclose(
+        wide.log_prob(x), dist.Bernoulli(logits=wide.base_dist.logits).to_event(1).log_prob(x)
+    )

@@ -138,8 +138,9 @@ def test_non_reparameterised_guide_is_a_clear_error():
             pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
     def guide(x):
+        probs = pyro.param("probs", torch.tensor(0.3), constraint=dist.constraints.unit_interval)
         with pyro.plate("data", len(x)):
-            pyro.sample("z", dist.Bernoulli(0.3))
+            pyro.sample("z", dist.Bernoulli(probs))
 
     for name in ("elbo", "iwae", "dreg"):
         with pytest.raises(ValueError, match="not reparameterisable"):
