@@ -103,8 +103,8 @@ class LogWeightObjective:
         return -sample.scale() * self.bound(sample.log_w).sum()
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+        # Not under no_grad: the reparameterisation check must see trainable inputs.
+        return float(self.differentiable_loss(model, guide, *args, **kwargs).detach())
 
     def __call__(self, model, guide, *args, **kwargs):
         return self.differentiable_loss(model, guide, *args, **kwargs)
