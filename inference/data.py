@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,29 +34,37 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset:
-    """Named splits of one data set, as float tensors of shape (N, x_dim)."""
+    """Named splits of one data set, as float tensors of shape (N, x_dim).
+
+    Splits are loaded and checked when first used (a command that evaluates
+    the test split never holds the training split in memory).
+    """
 
     name: str
-    splits: dict[str, torch.Tensor]
+    loaders: dict[str, Callable[[], torch.Tensor]]
     likelihood: str
     binarization: str
+    x_dim: int
     truth: object = field(default=None, repr=False)  # generating model, when known
+    _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
-    def x_dim(self) -> int:
-        return next(iter(self.splits.values())).shape[1]
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.loaders)
 
     def split(self, name: str) -> torch.Tensor:
-        if name not in self.splits:
+        if name not in self.loaders:
             raise DataError(
-                f"{self.name} has no split {name!r}; available: {', '.join(self.splits)}"
+                f"{self.name} has no split {name!r}; available: {', '.join(self.loaders)}"
             )
-        return self.splits[name]
+        if name not in self._cache:
+            self._cache[name] = self.loaders[name]()
+        return self._cache[name]
 
     @property
     def heldout_split(self) -> str:
         """The split used for per-epoch held-out bounds: valid if present, else test."""
-        return "valid" if "valid" in self.splits else "test"
+        return "valid" if "valid" in self.loaders else "test"
 
 
 def check_array(
@@ -88,15 +97,25 @@ def check_array(
 
 
 def _to_dataset(name, arrays, *, likelihood, binarization, width=None, truth=None) -> Dataset:
+    """A data set from in-memory arrays, or from callables that read one split each."""
     binary = likelihood == "bernoulli"
-    splits = {
-        split: torch.from_numpy(check_array(x, name=name, split=split, binary=binary, width=width))
-        for split, x in arrays.items()
-    }
-    widths = {x.shape[1] for x in splits.values()}
-    if len(widths) > 1:
-        raise DataError(f"{name}: splits have different widths {sorted(widths)}")
-    return Dataset(name, splits, likelihood, binarization, truth)
+    if width is None:  # small data: check every split now and take the width from them
+        checked = {s: check_array(x, name=name, split=s, binary=binary) for s, x in arrays.items()}
+        widths = {x.shape[1] for x in checked.values()}
+        if len(widths) > 1:
+            raise DataError(f"{name}: splits have different widths {sorted(widths)}")
+        arrays, width = checked, widths.pop()
+
+    def loader(split):
+        def load():
+            x = arrays[split]() if callable(arrays[split]) else arrays[split]
+            checked = check_array(x, name=name, split=split, binary=binary, width=width)
+            return torch.from_numpy(checked)
+
+        return load
+
+    loaders = {split: loader(split) for split in arrays}
+    return Dataset(name, loaders, likelihood, binarization, width, truth)
 
 
 def load_digits(*, test_fraction: float = 0.2) -> Dataset:
@@ -137,28 +156,41 @@ def load_binarized_mnist(path: str | os.PathLike | None = None) -> Dataset:
     where = resolve_data_path(path)
     if not where.exists():
         raise DataError(f"binarized-mnist: no such file or folder: {where}")
-    arrays: dict[str, np.ndarray] = {}
-    try:
-        if where.is_file() and where.suffix == ".npz":
-            with np.load(where, allow_pickle=False) as npz:
-                missing = [s for s in MNIST_AMAT if s not in npz.files]
-                if missing:
-                    raise DataError(
-                        f"binarized-mnist: {where} lacks array(s) {', '.join(missing)} "
-                        f"(has {', '.join(npz.files) or 'none'})"
-                    )
-                arrays = {s: npz[s] for s in MNIST_AMAT}
-        else:
-            folder = where if where.is_dir() else where.parent
-            for split, filename in MNIST_AMAT.items():
-                file = folder / filename
-                if not file.exists():
-                    raise DataError(f"binarized-mnist: missing {file}")
-                arrays[split] = np.loadtxt(file, dtype=np.float32, ndmin=2)
-    except DataError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise DataError(f"binarized-mnist: cannot read {where}: {err}") from err
+
+    def reading(read: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+        def guarded():
+            try:
+                return read()
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+                raise DataError(f"binarized-mnist: cannot read {where}: {err}") from err
+
+        return guarded
+
+    arrays: dict[str, Callable[[], np.ndarray]] = {}
+    if where.is_file() and where.suffix == ".npz":
+        files = reading(lambda: np.load(where, allow_pickle=False).files)()
+        missing = [s for s in MNIST_AMAT if s not in files]
+        if missing:
+            raise DataError(
+                f"binarized-mnist: {where} lacks array(s) {', '.join(missing)} "
+                f"(has {', '.join(files) or 'none'})"
+            )
+
+        def from_npz(split):
+            def read():
+                with np.load(where, allow_pickle=False) as npz:
+                    return npz[split]
+
+            return reading(read)
+
+        arrays = {split: from_npz(split) for split in MNIST_AMAT}
+    else:
+        folder = where if where.is_dir() else where.parent
+        for split, filename in MNIST_AMAT.items():
+            file = folder / filename
+            if not file.exists():
+                raise DataError(f"binarized-mnist: missing {file}")
+            arrays[split] = reading(lambda file=file: np.loadtxt(file, dtype=np.float32, ndmin=2))
     return _to_dataset(
         "binarized-mnist",
         arrays,

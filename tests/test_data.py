@@ -70,8 +70,10 @@ def test_bad_npz_is_named(tmp_path, mutate, message):
     splits = good_splits()
     mutate(splits)
     path = write_npz(tmp_path / "bad.npz", **splits)
-    with pytest.raises(DataError, match=message):
-        load_binarized_mnist(path)
+    with pytest.raises(DataError, match=message):  # structure now, contents on first use
+        data = load_binarized_mnist(path)
+        for split in data.splits:
+            data.split(split)
 
 
 def test_missing_and_unreadable_files(tmp_path):
@@ -87,7 +89,7 @@ def test_missing_and_unreadable_files(tmp_path):
     for split in ("valid", "test"):
         (tmp_path / f"binarized_mnist_{split}.amat").write_text("0 1\n")
     with pytest.raises(DataError, match="cannot read"):
-        load_binarized_mnist(tmp_path)
+        load_binarized_mnist(tmp_path).split("train")
 
 
 def test_check_array_accepts_real_values_for_normal_likelihood():
@@ -99,7 +101,7 @@ def test_check_array_accepts_real_values_for_normal_likelihood():
 
 def test_shared_binarized_mnist(mnist_path):
     data = load_binarized_mnist(mnist_path)
-    assert {s: tuple(x.shape) for s, x in data.splits.items()} == {
+    assert {s: tuple(data.split(s).shape) for s in data.splits} == {
         "train": (50000, 784), "valid": (10000, 784), "test": (10000, 784)
     }  # fmt: skip
     assert abs(float(data.split("test").mean()) - 0.13251) < 1e-4
