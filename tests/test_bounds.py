@@ -232,6 +232,10 @@ def test_fast_bernoulli_matches_pyro_bernoulli(float64):
     wide = BernoulliLogits(torch.randn(4, 3, 5)).to_event(1)
     assert wide.log_prob(x).shape == (4, 3)
     assert isinstance(BernoulliLogits(torch.zeros(3)).expand((2, 3)), BernoulliLogits)
+    trainable = torch.randn(4, 3, 5, requires_grad=True)  # the autograd path
+    ours = BernoulliLogits(trainable).to_event(1).log_prob(x)
+    ours.sum().backward()
+    assert torch.allclose(trainable.grad, (x - torch.sigmoid(trainable)).detach())
     narrow = BernoulliLogits(torch.randn(5))  # value with more dims than the logits
     assert torch.allclose(
         narrow.log_prob(x), dist.Bernoulli(logits=narrow.logits).log_prob(x), atol=1e-12
