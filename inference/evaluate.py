@@ -102,6 +102,7 @@ def evaluate_run(
     per_point = {
         "elbo": result["elbo"].value,
         **{f"iwae{k}": b.value for k, b in result["iwae"].items()},
+        **result["statistics"],
     }
     arrays = {k: v.cpu().numpy() for k, v in per_point.items()}
     atomic_write(run_dir / EVAL_DATAPOINTS, lambda tmp: _savez(tmp, arrays))

@@ -126,7 +126,8 @@ def plot_compare(rows: list[dict], khats: dict[str, np.ndarray], path: Path) -> 
         left.axvline(x, color="k", ls=style, lw=1)
     left.set_xlabel("PSIS k-hat per datapoint")
     left.set_ylabel("datapoints")
-    left.legend(fontsize=8)
+    if any(len(k) for k in khats.values()):
+        left.legend(fontsize=8)
     for row in rows:
         items = sorted((int(k), v["mean"], v["stderr"]) for k, v in row["iwae"].items())
         ks, means, errs = zip(*items, strict=True)

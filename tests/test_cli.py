@@ -28,6 +28,11 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert "IWAE-100" in out and "log p(x)" in out
     report = json.loads((run / "eval.json").read_text())
     assert set(report["iwae"]) == {"1", "10", "100"}
+    import numpy as np
+
+    with np.load(run / "eval_datapoints.npz") as per_point:
+        assert {"elbo", "iwae100", "khat", "is_ess"} <= set(per_point.files)
+        assert per_point["khat"].shape == (report["num_datapoints"],)
     assert report["log_px"]["k"] == 100 and report["binarization"].startswith("static")
     ladder = [report["iwae"][k]["mean"] for k in ("1", "10", "100")]
     assert ladder[0] < ladder[1] < ladder[2]

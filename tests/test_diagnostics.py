@@ -122,6 +122,8 @@ def test_nuts_recovers_the_conjugate_posterior():
     assert not any(divergences.values())
 
 
+# On 2 cores Pyro keeps one core free and draws the chains one after another; it says so.
+@pytest.mark.filterwarnings("ignore:num_chains=2 is more than available_cpu")
 def test_from_mcmc_with_several_chains():
     x = torch.tensor([0.5, 1.5, -0.3])
     pyro.set_rng_seed(0)
