@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=OBJECTIVES, default="iwae")
     p.add_argument("--num-particles", type=int, default=5, help="K in training (default 5)")
     p.add_argument("--epochs", type=int, default=100, help="epochs per run (default 100)")
-    p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="default 0,1,2")
+    p.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="default 0,1,2")
     p.add_argument("--hidden", type=_int_list, help="hidden widths")
     p.add_argument("--z-dim", type=int, help="latent dimension")
     p.add_argument("--k", type=int, default=1000, help="particles for the bounds")
