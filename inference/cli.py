@@ -22,16 +22,21 @@ from .runs import RunError, TrainConfig, read_metrics
 USER_ERRORS = (DataError, RunError)
 
 
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, *, minimum: int = 1) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
         ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not values or min(values) < minimum:
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise argparse.ArgumentTypeError(f"expected {kind} integers, got {text!r}")
     return values
+
+
+def _seed_list(text: str) -> list[int]:
+    return _int_list(text, minimum=0)
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
