@@ -39,7 +39,10 @@ def log_likelihood(rbm: RBM, test, train, *, chains: int, betas: int) -> dict:
     return {
         "ais": neg_free - forward.log_z,
         "ais_stderr": forward.stderr,
-        "bracket": [neg_free - reverse.log_z, neg_free - forward.log_z],
+        "bracket": [
+            neg_free - (reverse.log_z + 3 * reverse.stderr),
+            neg_free - (forward.log_z - 3 * forward.stderr),
+        ],
     }
 
 

@@ -1,6 +1,7 @@
 """RBM: energies against brute force, the exact-posterior guide, exact log Z, AIS bracket."""
 
 import itertools
+import json
 import math
 
 import pyro
@@ -145,5 +146,8 @@ def test_rbm_cli(tmp_path, capsys):
     assert main(["rbm", "evaluate", run, "--chains", "50", "--betas", "500"]) == 0
     out = capsys.readouterr().out
     assert "exact" in out and "reverse AIS" in out and "bracket" in out
+    report = json.loads((tmp_path / "rbm" / "rbm_eval.json").read_text())
+    low, high = report["bracket"]
+    assert low <= report["exact"]["log_likelihood"] <= high
     assert main(["evaluate", run]) == 1
     assert "is a rbm run; use elbolab rbm evaluate" in capsys.readouterr().err
