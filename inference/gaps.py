@@ -347,10 +347,16 @@ def _concat_bounds(parts: list[dict]) -> dict:
     }
 
 
-def _inequality(name: str, high: tuple, low: tuple, *, paired_se: float | None = None) -> dict:
-    """Whether ``high >= low`` held at 3 standard errors."""
-    diff = high[0] - low[0]
-    se = paired_se if paired_se is not None else math.hypot(high[1], low[1])
+def _inequality(name: str, high: tuple, low: tuple, *, paired: dict | None = None) -> dict:
+    """Whether ``high >= low`` held at 3 standard errors.
+
+    ``paired`` is the per-particle difference's summary when there is one
+    (same draws on both sides): its mean and smaller standard error are used.
+    """
+    if paired is not None:
+        diff, se = paired["mean"], paired["stderr"]
+    else:
+        diff, se = high[0] - low[0], math.hypot(high[1], low[1])
     if diff > 3 * se:
         verdict = "held (strictly, > 3 s.e.)"
     elif diff >= -3 * se:
@@ -416,18 +422,14 @@ def gaps_run(
     chain = [
         _inequality("log p(x) >= L_marg", _pair(summary["log_px"]), _pair(marg)),
         _inequality(
-            "L_marg >= L_aux",
-            _pair(marg),
-            _pair(summary["l_aux"]),
-            paired_se=summary.get(f"reverse_slack[{s_max}]", {}).get("stderr"),
-        ),  # fmt: skip
+            "L_marg >= L_aux", _pair(marg), _pair(summary["l_aux"]),
+            paired=summary.get(f"reverse_slack[{s_max}]"),
+        ),
         _inequality(
-            "L_marg >= L_h",
-            _pair(marg),
-            _pair(summary["l_h"]),
-            paired_se=summary.get(f"mutual_information[{s_max}]", {}).get("stderr"),
-        ),  # fmt: skip
-    ]
+            "L_marg >= L_h", _pair(marg), _pair(summary["l_h"]),
+            paired=summary.get(f"mutual_information[{s_max}]"),
+        ),
+    ]  # fmt: skip
     # Every one of these is a valid lower bound on log p(x); IWAE-K is only the tightest
     # once it has converged (few particles, or a poor reverse model, leave it loose).
     lower = {name: summary[name]["mean"] for name in ("log_px", "l_aux", "l_h")}
