@@ -163,3 +163,26 @@ def test_compare_needs_evaluated_runs(tmp_path):
     main(["train", "--out", str(run), *TINY])
     result = elbolab("compare", str(run), "--out", str(tmp_path / "c"))
     assert result.returncode == 1 and "has no eval.json" in result.stderr
+
+
+def test_gaps_and_experiment(tmp_path, capsys):
+    run = tmp_path / "hvae"
+    main(["train", "--model", "hvae", "--layers", "2", "--out", str(run), *TINY])
+    capsys.readouterr()
+    assert main(["gaps", str(run), "--k", "50", "--inner-samples", "1,5", "--limit", "20",
+                 "--no-progress"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "L_marg >= L_h" in out and "mutual_information[5]" in out
+    report = json.loads((run / "gaps.json").read_text())
+    assert [c["inequality"] for c in report["chain"]] == [
+        "log p(x) >= L_marg", "L_marg >= L_aux", "L_marg >= L_h"
+    ]  # fmt: skip
+    assert (run / "gaps.png").exists()
+
+    out_dir = tmp_path / "exp"
+    assert main(["experiment", "stochastic-layers", "--epochs", "1", "--seeds", "0", "--k", "20",
+                 "--inner-samples", "1,2", "--limit", "10", "--hidden", "8", "--z-dim", "2",
+                 "--out", str(out_dir), "--no-progress"]) == 0  # fmt: skip
+    result = json.loads((out_dir / "experiment.json").read_text())
+    assert list(result["table"]) == ["L=1", "L=2", "L=3", "denoising (L=2)"]
+    assert "I(z;h|x)" in capsys.readouterr().out
