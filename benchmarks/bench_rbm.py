@@ -23,7 +23,7 @@ import torch
 from common import SHARED_MNIST, mnist_split, save
 from sklearn.neural_network import BernoulliRBM
 
-from inference.contrastive import RBMConfig, train_rbm
+from inference.contrastive import RBMConfig, ais_bracket, train_rbm
 from inference.partition import ais_log_partition
 from inference.runs import read_metrics
 from ppl_models.rbm import RBM
@@ -39,10 +39,7 @@ def log_likelihood(rbm: RBM, test, train, *, chains: int, betas: int) -> dict:
     return {
         "ais": neg_free - forward.log_z,
         "ais_stderr": forward.stderr,
-        "bracket": [
-            neg_free - (reverse.log_z + 3 * reverse.stderr),
-            neg_free - (forward.log_z - 3 * forward.stderr),
-        ],
+        "bracket": ais_bracket(neg_free, forward, reverse),
     }
 
 
