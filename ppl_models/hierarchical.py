@@ -34,12 +34,11 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch import nn
 from torch.nn import functional as F
 
 from .nets import mlp
-from .vae import _MIN_SCALE, LIKELIHOODS, BernoulliLogits, data_plate, default_layout
+from .vae import _MIN_SCALE, LatentDecoderModel, data_plate, default_layout
 
 CORRUPTIONS = ("salt-pepper", "dropout", "gaussian")
 
@@ -86,7 +85,7 @@ class _BernoulliLayer(nn.Module):
         return dist.Bernoulli(logits=self.net(inputs)).to_event(1)
 
 
-class HierarchicalVAE(PyroModule):
+class HierarchicalVAE(LatentDecoderModel):
     """VAE with an L-layer stochastic encoder and a learned reverse model r(h | z, x).
 
     Parameters
@@ -122,8 +121,6 @@ class HierarchicalVAE(PyroModule):
         corruption: str | None = None,
     ) -> None:
         super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"unknown likelihood {likelihood!r}; choose from {LIKELIHOODS}")
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         self.corruption = parse_corruption(corruption)
@@ -132,9 +129,11 @@ class HierarchicalVAE(PyroModule):
         if self.corruption and self.corruption[0] != "gaussian" and likelihood != "bernoulli":
             raise ValueError(f"{self.corruption[0]} corruption needs binary data")
         default_hidden, default_z = default_layout(x_dim)
-        self.x_dim, self.layers, self.likelihood = int(x_dim), int(layers), likelihood
+        self.x_dim, self.layers = int(x_dim), int(layers)
         self.hidden = tuple(hidden) if hidden is not None else default_hidden
         self.z_dim = int(z_dim) if z_dim is not None else default_z
+        self.build_decoder(x_dim=self.x_dim, hidden=self.hidden, z_dim=self.z_dim,
+                           activation=activation, likelihood=likelihood)  # fmt: skip
         learned = layers - 1 - (1 if self.corruption else 0)
         dims = list(h_dims) if h_dims is not None else [2 * self.z_dim] * learned
         if len(dims) != learned:
@@ -148,9 +147,6 @@ class HierarchicalVAE(PyroModule):
             for i, (n_in, n_out) in enumerate(zip(inputs, outputs, strict=True))
             if not (self.corruption and i == 0)
         )
-        self.decoder = mlp([self.z_dim, *self.hidden[::-1], self.x_dim], activation=activation)
-        if likelihood == "normal":
-            self.x_scale_raw = nn.Parameter(torch.zeros(self.x_dim))
         # r(h_l | h_{l+1}, x) with h_L = z, one per auxiliary layer.
         reverse = []
         for i, size in enumerate(self.h_dims):
@@ -160,16 +156,6 @@ class HierarchicalVAE(PyroModule):
             reverse.append(layer([above + self.x_dim, *self.hidden], size, activation))
         self.reverse = nn.ModuleList(reverse)
 
-    def init_from_data(self, x: torch.Tensor) -> None:
-        """Decoder output bias at the data mean (logit of it for binary data)."""
-        mean = x.mean(0).to(self.decoder[-1].bias)
-        with torch.no_grad():
-            if self.likelihood == "bernoulli":
-                p = mean.clamp(1e-3, 1 - 1e-3)
-                self.decoder[-1].bias.copy_(torch.log(p) - torch.log1p(-p))
-            else:
-                self.decoder[-1].bias.copy_(mean)
-
     def corruption_dist(self, x: torch.Tensor) -> dist.Distribution:
         """The fixed p(x~ | x) of the denoising criterion."""
         kind, level = self.corruption
@@ -178,16 +164,6 @@ class HierarchicalVAE(PyroModule):
         if kind == "salt-pepper":
             return dist.Bernoulli(probs=(1 - level) * x + level / 2).to_event(1)
         return dist.Bernoulli(probs=(1 - level) * x).to_event(1)
-
-    def likelihood_dist(self, z: torch.Tensor) -> dist.Distribution:
-        out = self.decoder(z)
-        if self.likelihood == "bernoulli":
-            return BernoulliLogits(out).to_event(1)
-        return dist.Normal(out, F.softplus(self.x_scale_raw) + _MIN_SCALE).to_event(1)
-
-    def prior(self, like: torch.Tensor) -> dist.Distribution:
-        zeros = like.new_zeros(self.z_dim)
-        return dist.Normal(zeros, 1.0 + zeros).to_event(1)
 
     def encoder_dist(self, layer: int, inputs: torch.Tensor, x: torch.Tensor):
         """q of encoder layer ``layer`` (0-based; the last is z) given the layer below."""
@@ -221,12 +197,3 @@ class HierarchicalVAE(PyroModule):
         for layer in range(len(self.h_names)):
             inputs = self.encoder_dist(layer, inputs, x).mean
         return self.encoder_dist(len(self.h_names), inputs, x)
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.likelihood_dist(self.posterior(x).mean).mean
-
-    @torch.no_grad()
-    def sample(self, num_samples: int) -> torch.Tensor:
-        z = self.prior(torch.zeros(1)).sample((num_samples,))
-        return self.likelihood_dist(z).mean

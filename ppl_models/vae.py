@@ -79,7 +79,59 @@ def data_plate(x: torch.Tensor, num_data: int | None) -> pyro.plate:
     )
 
 
-class VAE(PyroModule):
+class LatentDecoderModel(PyroModule):
+    """The generative half shared by elbolab's VAEs: p(z) = N(0, I), p(x | z) from an MLP.
+
+    Subclasses set their encoder and define ``model``, ``guide`` and
+    ``posterior(x)`` (q(z | x), or a representative of it).
+    """
+
+    def build_decoder(
+        self, *, x_dim: int, hidden: Sequence[int], z_dim: int, activation: str, likelihood: str
+    ) -> None:
+        """Create the decoder (and the Normal likelihood's per-dimension scale)."""
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"unknown likelihood {likelihood!r}; choose from {LIKELIHOODS}")
+        self.likelihood = likelihood
+        self.decoder = mlp([z_dim, *list(hidden)[::-1], x_dim], activation=activation)
+        if likelihood == "normal":
+            self.x_scale_raw = torch.nn.Parameter(torch.zeros(x_dim))
+
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Set the decoder's output bias to the data mean (logit of it for binary data)."""
+        mean = x.mean(0).to(self.decoder[-1].bias)
+        with torch.no_grad():
+            if self.likelihood == "bernoulli":
+                p = mean.clamp(1e-3, 1 - 1e-3)
+                self.decoder[-1].bias.copy_(torch.log(p) - torch.log1p(-p))
+            else:
+                self.decoder[-1].bias.copy_(mean)
+
+    def likelihood_dist(self, z: torch.Tensor) -> dist.Distribution:
+        """p(x | z) with the data dimension as its event."""
+        out = self.decoder(z)
+        if self.likelihood == "bernoulli":
+            return BernoulliLogits(out).to_event(1)
+        return dist.Normal(out, F.softplus(self.x_scale_raw) + _MIN_SCALE).to_event(1)
+
+    def prior(self, like: torch.Tensor) -> dist.Distribution:
+        """p(z) = N(0, I)."""
+        zeros = like.new_zeros(self.z_dim)
+        return dist.Normal(zeros, 1.0 + zeros).to_event(1)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of p(x | z) at the mean of ``posterior(x)``."""
+        return self.likelihood_dist(self.posterior(x).mean).mean
+
+    @torch.no_grad()
+    def sample(self, num_samples: int) -> torch.Tensor:
+        """Means of p(x | z) for z drawn from the prior."""
+        z = self.prior(torch.zeros(1)).sample((num_samples,))
+        return self.likelihood_dist(z).mean
+
+
+class VAE(LatentDecoderModel):
     """VAE with a diagonal-Normal encoder and a Bernoulli or Normal decoder.
 
     Parameters
@@ -111,39 +163,13 @@ class VAE(PyroModule):
         likelihood: str = "bernoulli",
     ) -> None:
         super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"unknown likelihood {likelihood!r}; choose from {LIKELIHOODS}")
         default_hidden, default_z = default_layout(x_dim)
         self.x_dim = int(x_dim)
         self.hidden = tuple(hidden) if hidden is not None else default_hidden
         self.z_dim = int(z_dim) if z_dim is not None else default_z
-        self.likelihood = likelihood
+        self.build_decoder(x_dim=self.x_dim, hidden=self.hidden, z_dim=self.z_dim,
+                           activation=activation, likelihood=likelihood)  # fmt: skip
         self.encoder = mlp([self.x_dim, *self.hidden, 2 * self.z_dim], activation=activation)
-        self.decoder = mlp([self.z_dim, *self.hidden[::-1], self.x_dim], activation=activation)
-        if likelihood == "normal":
-            self.x_scale_raw = torch.nn.Parameter(torch.zeros(self.x_dim))
-
-    def init_from_data(self, x: torch.Tensor) -> None:
-        """Set the decoder's output bias to the data mean (logit of it for binary data)."""
-        mean = x.mean(0).to(self.decoder[-1].bias)
-        with torch.no_grad():
-            if self.likelihood == "bernoulli":
-                p = mean.clamp(1e-3, 1 - 1e-3)
-                self.decoder[-1].bias.copy_(torch.log(p) - torch.log1p(-p))
-            else:
-                self.decoder[-1].bias.copy_(mean)
-
-    def likelihood_dist(self, z: torch.Tensor) -> dist.Distribution:
-        """p(x | z) with the data dimension as its event."""
-        out = self.decoder(z)
-        if self.likelihood == "bernoulli":
-            return BernoulliLogits(out).to_event(1)
-        return dist.Normal(out, F.softplus(self.x_scale_raw) + _MIN_SCALE).to_event(1)
-
-    def prior(self, like: torch.Tensor) -> dist.Distribution:
-        """p(z) = N(0, I)."""
-        zeros = like.new_zeros(self.z_dim)
-        return dist.Normal(zeros, 1.0 + zeros).to_event(1)
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         """The encoder's q(z | x)."""
@@ -158,14 +184,3 @@ class VAE(PyroModule):
     def guide(self, x: torch.Tensor, *, num_data: int | None = None) -> torch.Tensor:
         with data_plate(x, num_data):
             return pyro.sample("z", self.posterior(x))
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean of p(x | z) at the encoder's mean of q(z | x)."""
-        return self.likelihood_dist(self.posterior(x).mean).mean
-
-    @torch.no_grad()
-    def sample(self, num_samples: int) -> torch.Tensor:
-        """Means of p(x | z) for z drawn from the prior."""
-        z = self.prior(torch.zeros(1)).sample((num_samples,))
-        return self.likelihood_dist(z).mean
