@@ -4,6 +4,7 @@ import math
 
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
 
 from inference.bounds import iwae_bound
@@ -263,3 +264,28 @@ def test_discrete_case_exact_sums(float64):
     assert ((marg.mean(0) - exact["l_marg"]).abs() < 4 * se + 0.01).all()
     assert (terms["log_w_marg[1]"].mean(0) > exact["l_marg"]).all()
     assert (exact["l_marg"] >= exact["l_aux"]).all() and (exact["l_marg"] >= exact["l_h"]).all()
+
+
+def test_amortization_split_for_a_two_layer_encoder(tmp_path):
+    from inference.bounds import iwae_bound, log_importance_weights
+    from inference.gaps import amortization_split
+    from inference.runs import TrainConfig, load_run
+    from inference.svi import train
+
+    config = TrainConfig(model="hvae", layers=2, epochs=3, hidden=[32], z_dim=3,
+                         num_particles=2, batch_size=256)  # fmt: skip
+    train(config, tmp_path / "run", progress=False)
+    _, dataset, hvae = load_run(tmp_path / "run")
+    x = dataset.split("test")[:15]
+    pyro.set_rng_seed(0)
+    log_px = iwae_bound(log_importance_weights(hvae.model, hvae.guide, x, num_particles=2000)).value
+    split = amortization_split(hvae, x, log_px=log_px, steps=150, lr=0.05)
+    total = split["approximation_gap"] + split["amortization_gap"]
+    assert torch.allclose(total, split["total_gap"], atol=1e-5)
+    assert split["amortization_gap"].mean() > 0  # local first-layer parameters help
+    from ppl_models import HierarchicalVAE
+
+    with pytest.raises(ValueError, match="no local parameters"):
+        amortization_split(
+            HierarchicalVAE(64, layers=2, corruption="dropout:0.1"), x, log_px=log_px
+        )
