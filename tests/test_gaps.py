@@ -131,6 +131,8 @@ def test_exact_reverse_model_makes_the_plug_in_exact(float64):
     assert torch.allclose(terms["log_w_marg[1]"], terms["log_w_marg[7]"], atol=1e-8)
     assert torch.allclose(terms["log_w_aux"], terms["log_w_marg[1]"], atol=1e-8)
     assert within(terms["log_w_marg[1]"], exact["l_marg"])
+    # the paired mutual-information estimate against its closed form
+    assert within(terms["log_w_marg[7]"] - terms["log_w_h"], exact["mi"])
 
 
 def test_plug_in_bias_is_positive_and_shrinks_with_s(float64):
