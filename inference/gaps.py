@@ -534,7 +534,8 @@ def format_gaps(report: dict) -> str:
         c = report["cremer"]
         bound = "L_aux" if report["layers"] > 1 else "ELBO"
         lines.append(
-            f"Cremer split of log p(x) - {bound} = {c['total_gap']['mean']:.3f}: approximation "
+            f"Cremer split of log p(x) - {bound} = {c['total_gap']['mean']:.3f} (first "
+            f"{report.get('cremer_points', '?')} datapoints): approximation "
             f"{c['approximation_gap']['mean']:.3f} +- {c['approximation_gap']['stderr']:.3f}, "
             f"amortisation {c['amortization_gap']['mean']:.3f} "
             f"+- {c['amortization_gap']['stderr']:.3f}"
