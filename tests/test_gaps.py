@@ -184,21 +184,29 @@ def test_aggregate_posterior_terms():
     assert sharp["mutual_information"] <= sharp["log_n"] + 1e-6
 
 
-def test_amortization_split_adds_up_and_optimum_improves(tmp_path):
+def trained_split(tmp_path, *, steps, **options):
+    """Train a small model for 3 epochs, then split its gap on 20 test images."""
     from inference.bounds import iwae_bound, log_importance_weights
     from inference.gaps import amortization_split
     from inference.runs import TrainConfig, load_run
     from inference.svi import train
 
-    config = TrainConfig(epochs=3, hidden=[32], z_dim=3, num_particles=2, batch_size=256)
+    config = TrainConfig(epochs=3, hidden=[32], z_dim=3, num_particles=2, batch_size=256,
+                         **options)  # fmt: skip
     train(config, tmp_path / "run", progress=False)
-    _, dataset, vae = load_run(tmp_path / "run")
+    _, dataset, model = load_run(tmp_path / "run")
     x = dataset.split("test")[:20]
     pyro.set_rng_seed(0)
-    log_px = iwae_bound(log_importance_weights(vae.model, vae.guide, x, num_particles=2000)).value
-    split = amortization_split(vae, x, log_px=log_px, steps=200, lr=0.05)
+    log_w = log_importance_weights(model.model, model.guide, x, num_particles=2000)
+    log_px = iwae_bound(log_w).value
+    split = amortization_split(model, x, log_px=log_px, steps=steps, lr=0.05)
     total = split["approximation_gap"] + split["amortization_gap"]
     assert torch.allclose(total, split["total_gap"], atol=1e-5)
+    return split, x, log_px
+
+
+def test_amortization_split_adds_up_and_optimum_improves(tmp_path):
+    split, _, _ = trained_split(tmp_path, steps=200)
     # a barely trained encoder is far from the per-datapoint optimum
     assert split["amortization_gap"].mean() > 0.1
     assert (split["approximation_gap"] > -0.05).all()
@@ -269,21 +277,9 @@ def test_discrete_case_exact_sums(float64):
 
 
 def test_amortization_split_for_a_two_layer_encoder(tmp_path):
-    from inference.bounds import iwae_bound, log_importance_weights
     from inference.gaps import amortization_split
-    from inference.runs import TrainConfig, load_run
-    from inference.svi import train
 
-    config = TrainConfig(model="hvae", layers=2, epochs=3, hidden=[32], z_dim=3,
-                         num_particles=2, batch_size=256)  # fmt: skip
-    train(config, tmp_path / "run", progress=False)
-    _, dataset, hvae = load_run(tmp_path / "run")
-    x = dataset.split("test")[:15]
-    pyro.set_rng_seed(0)
-    log_px = iwae_bound(log_importance_weights(hvae.model, hvae.guide, x, num_particles=2000)).value
-    split = amortization_split(hvae, x, log_px=log_px, steps=150, lr=0.05)
-    total = split["approximation_gap"] + split["amortization_gap"]
-    assert torch.allclose(total, split["total_gap"], atol=1e-5)
+    split, x, log_px = trained_split(tmp_path, steps=150, model="hvae", layers=2)
     assert split["amortization_gap"].mean() > 0  # local first-layer parameters help
     from ppl_models import HierarchicalVAE
 
