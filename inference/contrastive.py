@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from ppl_models.rbm import RBM
+from ppl_models.rbm import RBM, sample_bernoulli
 
 from .data import DATASETS, load_dataset
 from .partition import exact_log_partition
@@ -95,7 +95,7 @@ class RBMConfig(RunConfig):
 @torch.no_grad()
 def reconstruction_error(rbm: RBM, v: torch.Tensor) -> float:
     """Mean squared error of p(v | h), h ~ p(h | v): one Gibbs step away from the data."""
-    h = torch.bernoulli(torch.sigmoid(rbm.hidden_logits(v)))
+    h = sample_bernoulli(torch.sigmoid(rbm.hidden_logits(v)))
     return float((torch.sigmoid(rbm.visible_logits(h)) - v).pow(2).sum(1).mean())
 
 
@@ -154,30 +154,37 @@ def learning_rate(config: RBMConfig, epoch: int) -> float:
     return config.lr
 
 
-def _cd_update(rbm, v, chains, config, velocity, lr: float) -> torch.Tensor:
-    """One CD-k / PCD-k update in place; returns the chains' new visible states.
+def _cd_update(rbm, v, h_chains, config, velocity, lr: float) -> torch.Tensor:
+    """One CD-k / PCD-k update in place; returns the persistent chains' new hidden states.
 
-    The update is ``contrastive_gradient`` (with weight decay on W) folded into
-    the momentum buffers: v <- momentum v + lr (grad), theta <- theta + v,
-    accumulated with ``addmm_`` so that the (n_visible, n_hidden) matrices are
-    touched as few times as possible.
+    A persistent chain's state is its hidden sample: each update continues it
+    with k transitions v ~ p(v|h), h ~ p(h|v) under the current parameters
+    (Tieleman 2008), so no product is spent re-deriving h from the chain's
+    visibles. CD-k starts every chain at h ~ p(h|v_data). The negative phase
+    uses p(h=1|v_neg) (Rao-Blackwellised). The update is
+    ``contrastive_gradient`` (with weight decay on W) folded into the momentum
+    buffers: vel <- momentum vel + lr grad, theta <- theta + vel, accumulated
+    with ``addmm_`` so that the (n_visible, n_hidden) matrices are touched as
+    few times as possible.
     """
-    ph_data = torch.sigmoid(rbm.hidden_logits(v))
-    # CD starts at the data, whose p(h|v) is already known; PCD continues its chains.
-    ph = ph_data if config.method == "cd" else torch.sigmoid(rbm.hidden_logits(chains))
-    for _ in range(config.cd_steps):
-        v_neg = torch.bernoulli(torch.sigmoid(rbm.visible_logits(torch.bernoulli(ph))))
-        ph = torch.sigmoid(rbm.hidden_logits(v_neg))
-    step = lr / v.shape[0]
+    ph_data = torch.addmm(rbm.b_h, v, rbm.W).sigmoid_()
+    persistent = config.method == "pcd"
+    h = h_chains if persistent else sample_bernoulli(ph_data)
+    for step in range(config.cd_steps):
+        v_neg = sample_bernoulli(torch.addmm(rbm.b_v, h, rbm.W.T).sigmoid_())
+        ph = torch.addmm(rbm.b_h, v_neg, rbm.W).sigmoid_()
+        if persistent or step + 1 < config.cd_steps:
+            h = sample_bernoulli(ph)
+    step_size = lr / v.shape[0]
     vel = velocity["W"].mul_(config.momentum)
-    vel.addmm_(v.T, ph_data, alpha=step).addmm_(v_neg.T, ph, alpha=-step)
+    vel.addmm_(v.T, ph_data, alpha=step_size).addmm_(v_neg.T, ph, alpha=-step_size)
     if config.weight_decay:
         vel.add_(rbm.W, alpha=-lr * config.weight_decay)
-    velocity["b_v"].mul_(config.momentum).add_((v.sum(0) - v_neg.sum(0)), alpha=step)
-    velocity["b_h"].mul_(config.momentum).add_((ph_data.sum(0) - ph.sum(0)), alpha=step)
+    velocity["b_v"].mul_(config.momentum).add_(v.sum(0) - v_neg.sum(0), alpha=step_size)
+    velocity["b_h"].mul_(config.momentum).add_(ph_data.sum(0) - ph.sum(0), alpha=step_size)
     for name in ("W", "b_v", "b_h"):
         getattr(rbm, name).add_(velocity[name])
-    return v_neg
+    return h
 
 
 def train_rbm(
@@ -199,13 +206,13 @@ def train_rbm(
     rbm = RBM(dataset.x_dim, config.hidden).requires_grad_(False)
     velocity = {name: torch.zeros_like(p) for name, p in rbm.named_parameters()}
     shuffle = torch.Generator().manual_seed(config.seed)
-    chains = torch.bernoulli(torch.full((config.batch_size, dataset.x_dim), 0.5))
+    chains = sample_bernoulli(torch.full((config.batch_size, config.hidden), 0.5))
     start_epoch, metrics = 0, []
     if resume:
         state = load_checkpoint(out)
         rbm.load_state_dict(state["model"])
         velocity = state["velocity"]
-        chains = state["chains"]
+        chains = state["hidden_chains"]
         restore_rng(state["rng"], shuffle)
         start_epoch = state["epoch"]
         metrics = [row for row in read_metrics(out) if row["epoch"] <= start_epoch]
@@ -254,7 +261,7 @@ def train_rbm(
                 "epoch": epoch + 1,
                 "model": rbm.state_dict(),
                 "velocity": velocity,
-                "chains": chains,
+                "hidden_chains": chains,
                 "rng": rng_state(shuffle, torch.device("cpu")),
             }
             write_metrics(out, metrics)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from ppl_models.rbm import sample_bernoulli
+
 from .bounds import logsumexp
 
 MAX_EXACT_UNITS = 25
@@ -71,20 +73,33 @@ def base_rate_biases(data: torch.Tensor, *, smoothing: float = 1e-3) -> torch.Te
     return torch.log(p) - torch.log1p(-p)
 
 
-def _log_p_star(v, beta, rbm, b_a) -> torch.Tensor:
-    """log p*_beta(v) of the path, hidden units summed out."""
-    return (
-        (1 - beta) * (v @ b_a)
-        + beta * (v @ rbm.b_v.double())
-        + F.softplus(beta * (v @ rbm.W.double() + rbm.b_h.double())).sum(-1)
-    )
+class _Path:
+    """The AIS path p*_beta(v) = exp((1 - beta) b_a.v) * p~_B(v)^beta, hidden units summed out.
 
+    ``state(v)`` caches what every temperature needs from v (one product with
+    W), so that a transition and the weight update share it.
+    """
 
-def _gibbs_at(v, beta, rbm, b_a, generator) -> torch.Tensor:
-    W = rbm.W.double()
-    h = torch.bernoulli(torch.sigmoid(beta * (v @ W + rbm.b_h.double())), generator=generator)
-    logits = (1 - beta) * b_a + beta * (h @ W.T + rbm.b_v.double())
-    return torch.bernoulli(torch.sigmoid(logits), generator=generator)
+    def __init__(self, rbm, b_a: torch.Tensor) -> None:
+        self.W = rbm.W.detach().double()
+        self.b_v, self.b_h = rbm.b_v.detach().double(), rbm.b_h.detach().double()
+        self.b_a = b_a
+
+    def state(self, v: torch.Tensor) -> tuple:
+        return v, torch.addmm(self.b_h, v, self.W), v @ (self.b_v - self.b_a)
+
+    @staticmethod
+    def log_ratio(state: tuple, beta: float, prev: float) -> torch.Tensor:
+        """log p*_beta(v) - log p*_prev(v) at the state's v."""
+        _, x, v_diff = state
+        return (beta - prev) * v_diff + (F.softplus(beta * x) - F.softplus(prev * x)).sum(-1)
+
+    def gibbs(self, state: tuple, beta: float, generator) -> tuple:
+        """One transition h ~ p_beta(h|v), v ~ p_beta(v|h) that leaves p*_beta invariant."""
+        _, x, _ = state
+        h = sample_bernoulli(torch.sigmoid(beta * x), generator)
+        logits = torch.addmm(self.b_v, h, self.W.T).mul_(beta).add_(self.b_a, alpha=1 - beta)
+        return self.state(sample_bernoulli(logits.sigmoid_(), generator))
 
 
 def _estimate(log_w: torch.Tensor, offset: float, sign: float, method: str) -> PartitionEstimate:
@@ -142,11 +157,14 @@ def ais_log_partition(
             v = data[idx].double()
             betas = betas.flip(0)
         else:
-            v = torch.bernoulli(torch.sigmoid(b_a).expand(num_chains, n_v), generator=generator)
+            v = sample_bernoulli(torch.sigmoid(b_a).expand(num_chains, n_v), generator)
+        path = _Path(rbm, b_a)
+        state = path.state(v)
         log_w = torch.zeros(num_chains, dtype=torch.float64)
+        betas = betas.tolist()
         for prev, beta in zip(betas[:-1], betas[1:], strict=True):
-            log_w += _log_p_star(v, beta, rbm, b_a) - _log_p_star(v, prev, rbm, b_a)
-            v = _gibbs_at(v, beta, rbm, b_a, generator)
+            log_w += path.log_ratio(state, beta, prev)
+            state = path.gibbs(state, beta, generator)
     if reverse:
         # mean of the weights estimates Z_A / Z_B
         return _estimate(log_w, log_z_a, -1.0, "reverse AIS")

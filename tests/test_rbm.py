@@ -121,6 +121,38 @@ def test_long_chain_contrastive_gradient_is_the_exact_gradient():
     assert ((estimate["b_h"] - exact["b_h"]).abs() < 5 * ph.std(0) / 200 + 1e-3).all()
 
 
+@pytest.mark.parametrize("method", ["cd", "pcd"])
+def test_training_update_is_the_contrastive_gradient_with_momentum_and_decay(method):
+    """_cd_update (fused, in place) against contrastive_gradient, with known negatives.
+
+    Visible biases of +-40 make p(v|h) deterministic, so v_neg is known and the
+    two code paths must agree to rounding for two steps of momentum and decay.
+    """
+    from inference.contrastive import RBMConfig, _cd_update, contrastive_gradient
+
+    rbm = random_rbm(6, 4, seed=7, scale=0.3).requires_grad_(False)
+    with torch.no_grad():
+        rbm.b_v.copy_(40.0 * torch.tensor([1.0, -1, -1, 1, 1, -1], dtype=torch.float64))
+    v_neg = (rbm.b_v > 0).double().expand(5, -1)
+    config = RBMConfig(method=method, cd_steps=2, momentum=0.5, weight_decay=0.01)
+    velocity = {name: torch.zeros_like(p) for name, p in rbm.named_parameters()}
+    expected_vel = {name: torch.zeros_like(p) for name, p in rbm.named_parameters()}
+    chains = torch.zeros(5, 4, dtype=torch.float64)
+    torch.manual_seed(0)
+    for lr in (0.1, 0.05):
+        v = torch.bernoulli(torch.full((5, 6), 0.5, dtype=torch.float64))
+        grad = contrastive_gradient(rbm, v, v_neg)
+        grad["W"] = grad["W"] - config.weight_decay * rbm.W
+        expected = {}
+        for name, p in rbm.named_parameters():
+            expected_vel[name] = config.momentum * expected_vel[name] + lr * grad[name]
+            expected[name] = p + expected_vel[name]
+        chains = _cd_update(rbm, v, chains, config, velocity, lr)
+        for name, p in rbm.named_parameters():
+            assert torch.allclose(p, expected[name], atol=1e-12), name
+    assert chains.shape == (5, 4) and ((chains == 0) | (chains == 1)).all()
+
+
 def test_rbm_training_improves_exact_likelihood_and_resumes_exactly(tmp_path):
     from inference.contrastive import RBMConfig, train_rbm
     from inference.runs import read_metrics
