@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .data import DATASETS, DataError
 from .objectives import OBJECTIVES
+from .partition import BETA_SCHEDULES
 from .runs import RunError, TrainConfig, read_metrics
 
 USER_ERRORS = (DataError, RunError)
@@ -199,7 +200,12 @@ def cmd_rbm_evaluate(args: argparse.Namespace) -> int:
     from .contrastive import evaluate_rbm_run, format_rbm_report
 
     report = evaluate_rbm_run(
-        args.run, split=args.split, num_chains=args.chains, num_betas=args.betas, seed=args.seed
+        args.run,
+        split=args.split,
+        num_chains=args.chains,
+        num_betas=args.betas,
+        schedule=args.schedule,
+        seed=args.seed,
     )
     print(format_rbm_report(report))
     return 0
@@ -332,7 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--split", default="test", help="data split (default test)")
     p.add_argument("--chains", type=int, default=100, help="AIS chains (default 100)")
-    p.add_argument("--betas", type=int, default=10000, help="inverse temperatures (default 1e4)")
+    p.add_argument(
+        "--betas",
+        type=int,
+        default=14500,
+        help="inverse temperatures (default 14500, as Salakhutdinov & Murray 2008)",
+    )
+    p.add_argument("--schedule", choices=BETA_SCHEDULES, default="sm08",
+                   help="spacing of the temperatures: sm08 (denser near 1, the paper's) "
+                   "or linear (default sm08)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_rbm_evaluate)
 

@@ -283,7 +283,8 @@ def evaluate_rbm_run(
     *,
     split: str = "test",
     num_chains: int = 100,
-    num_betas: int = 10_000,
+    num_betas: int = 14_500,
+    schedule: str = "sm08",
     seed: int = 0,
 ) -> dict:
     """Held-out log-likelihood of a trained RBM: exact where enumerable, AIS with a bracket.
@@ -305,12 +306,9 @@ def evaluate_rbm_run(
     with torch.no_grad():
         mean_neg_free = float(-rbm.free_energy(x).double().mean())
     tic = time.perf_counter()
-    forward = ais_log_partition(
-        rbm, num_chains=num_chains, num_betas=num_betas, data=train, seed=seed
-    )
-    reverse = ais_log_partition(
-        rbm, num_chains=num_chains, num_betas=num_betas, data=train, seed=seed + 1, reverse=True
-    )
+    ais = {"num_chains": num_chains, "num_betas": num_betas, "schedule": schedule, "data": train}
+    forward = ais_log_partition(rbm, **ais, seed=seed)
+    reverse = ais_log_partition(rbm, **ais, seed=seed + 1, reverse=True)
     seconds = time.perf_counter() - tic
     report = {
         "run": str(run_dir),
@@ -330,9 +328,11 @@ def evaluate_rbm_run(
             "log_likelihood": mean_neg_free - reverse.log_z,
         },  # fmt: skip
         "bracket": ais_bracket(mean_neg_free, forward, reverse),
-        "ordered": reverse.log_z >= forward.log_z,
+        # Reverse AIS should not fall below forward AIS beyond Monte Carlo error.
+        "ordered": reverse.log_z >= forward.log_z - 3 * math.hypot(forward.stderr, reverse.stderr),
         "ais_chains": num_chains,
         "ais_betas": num_betas,
+        "ais_schedule": schedule,
         "ais_seconds": seconds,
         "seed": seed,
     }
@@ -379,11 +379,12 @@ def format_rbm_report(report: dict) -> str:
     lines.append(
         f"bracket (3 s.e. at each end): {low:.3f} <= log p(v) <= {high:.3f} nats "
         f"({report['ais_chains']} chains, "
-        f"{report['ais_betas']} inverse temperatures, {report['ais_seconds']:.1f} s)"
+        f"{report['ais_betas']} inverse temperatures ({report.get('ais_schedule', 'linear')}), "
+        f"{report['ais_seconds']:.1f} s)"
     )
     if not report.get("ordered", True):
         lines.append(
-            "note: reverse AIS from data gave a smaller log Z than forward AIS; the data are "
-            "not close to model samples, so the bracket is the union of both intervals"
+            "note: reverse AIS from data gave a log Z more than 3 s.e. below forward AIS; the "
+            "data are not close to model samples, so the bracket is the union of both intervals"
         )
     return "\n".join(lines)

@@ -68,18 +68,35 @@ def test_bad_visible_data():
         rbm.check_visible(torch.full((3, 5), 0.5))
 
 
-def test_ais_matches_exact_and_reverse_brackets():
-    rbm = random_rbm(20, 10, seed=3, scale=0.5)
-    exact = exact_log_partition(rbm)
+@pytest.mark.parametrize("schedule", ["linear", "sm08"])
+def test_ais_on_20_hidden_units_is_within_its_error_of_exact_and_reverse_brackets(schedule):
+    rbm = random_rbm(30, 20, seed=3, scale=1.0)
+    exact = exact_log_partition(rbm)  # 2^20 hidden states
     # Data: exact samples would make reverse AIS unbiased; long Gibbs chains are close.
     torch.manual_seed(0)
-    v = torch.bernoulli(torch.full((500, 20), 0.5, dtype=torch.float64))
+    v = torch.bernoulli(torch.full((500, 30), 0.5, dtype=torch.float64))
     v, _ = rbm.gibbs(v, steps=500)
-    forward = ais_log_partition(rbm, num_chains=200, num_betas=2000, data=v, seed=0)
-    reverse = ais_log_partition(rbm, num_chains=200, num_betas=2000, data=v, seed=1, reverse=True)
-    assert abs(forward.log_z - exact) < 4 * forward.stderr + 0.02
-    assert abs(reverse.log_z - exact) < 4 * reverse.stderr + 0.02
+    ais = {"num_chains": 200, "num_betas": 2000, "data": v, "schedule": schedule}
+    forward = ais_log_partition(rbm, **ais, seed=0)
+    reverse = ais_log_partition(rbm, **ais, seed=1, reverse=True)
+    assert 0 < forward.stderr < 0.05 and 0 < reverse.stderr < 0.05
+    assert abs(forward.log_z - exact) < 4 * forward.stderr
+    assert abs(reverse.log_z - exact) < 4 * reverse.stderr
     assert forward.log_z - 3 * forward.stderr <= exact <= reverse.log_z + 3 * reverse.stderr
+
+
+def test_beta_schedules():
+    from inference.partition import beta_schedule
+
+    for kind in ("linear", "sm08"):
+        betas = beta_schedule(14_500, kind)
+        assert betas[0] == 0 and betas[-1] == 1 and (betas.diff() > 0).all()
+    sm08 = beta_schedule(14_501, "sm08")
+    # the paper's counts: 500 steps to 0.5, 4000 more to 0.9, 10000 to 1 (14,501 values)
+    assert sm08[500] == pytest.approx(0.5, abs=1e-12)
+    assert sm08[4500] == pytest.approx(0.9, abs=1e-12)
+    with pytest.raises(ValueError, match="schedule"):
+        beta_schedule(10, "cosine")
 
 
 def test_gibbs_sampling_matches_the_exact_distribution():
