@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate (default 0.05)")
     p.add_argument("--momentum", type=float, help="momentum (default 0.5)")
     p.add_argument("--weight-decay", type=float, help="L2 on W (default 1e-4)")
-    p.add_argument("--lr-schedule", choices=("constant", "linear"), help="default constant")
+    p.add_argument("--lr-schedule", choices=("constant", "linear"),
+                   help="linear: decay to 0 over the epochs (default), or constant")  # fmt: skip
     p.add_argument("--train-limit", type=int, help="train on the first N training images")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--out", required=True, help="run directory to write")

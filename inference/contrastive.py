@@ -62,7 +62,7 @@ class RBMConfig(RunConfig):
     lr: float = 0.05
     momentum: float = 0.5
     weight_decay: float = 1e-4
-    lr_schedule: str = "constant"
+    lr_schedule: str = "linear"
     seed: int = 0
     train_limit: int | None = None
     extra: dict = field(default_factory=dict)
@@ -339,6 +339,10 @@ def evaluate_rbm_run(
     if min(rbm.n_visible, rbm.n_hidden) <= MAX_EXACT_UNITS:
         log_z = exact_log_partition(rbm)
         report["exact"] = {"log_z": log_z, "log_likelihood": mean_neg_free - log_z}
+    from .plots import plot_rbm
+
+    report["figure"] = str(plot_rbm(read_metrics(run_dir), forward.final_states,
+                                    run_dir / "rbm_eval.png"))  # fmt: skip
     write_json(run_dir / "rbm_eval.json", report)
     return report
 
@@ -387,4 +391,6 @@ def format_rbm_report(report: dict) -> str:
             "note: reverse AIS from data gave a log Z more than 3 s.e. below forward AIS; the "
             "data are not close to model samples, so the bracket is the union of both intervals"
         )
+    if "figure" in report:
+        lines.append(f"figure: {report['figure']}")
     return "\n".join(lines)

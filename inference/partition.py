@@ -51,6 +51,9 @@ class PartitionEstimate:
     stderr: float
     log_weights: torch.Tensor
     method: str
+    final_states: torch.Tensor | None = None
+    """Visible states of the chains at the end of the path: approximate samples
+    of the RBM after forward AIS, of the base-rate model after reverse AIS."""
 
 
 def exact_log_partition(rbm, *, chunk_size: int = 2**14) -> float:
@@ -110,12 +113,14 @@ class _Path:
         return self.state(sample_bernoulli(logits.sigmoid_(), generator))
 
 
-def _estimate(log_w: torch.Tensor, offset: float, sign: float, method: str) -> PartitionEstimate:
+def _estimate(
+    log_w: torch.Tensor, offset: float, sign: float, method: str, states: torch.Tensor
+) -> PartitionEstimate:
     k = log_w.numel()
     log_mean = float(logsumexp(log_w, 0)) - math.log(k)
     normalised = torch.softmax(log_w, 0)
     stderr = math.sqrt(max(float((normalised**2).sum()) - 1.0 / k, 0.0))
-    return PartitionEstimate(offset + sign * log_mean, stderr, log_w, method)
+    return PartitionEstimate(offset + sign * log_mean, stderr, log_w, method, states)
 
 
 def beta_schedule(num_betas: int, schedule: str = "sm08") -> torch.Tensor:
@@ -189,5 +194,5 @@ def ais_log_partition(
             state = path.gibbs(state, beta, generator)
     if reverse:
         # mean of the weights estimates Z_A / Z_B
-        return _estimate(log_w, log_z_a, -1.0, "reverse AIS")
-    return _estimate(log_w, log_z_a, 1.0, "AIS")
+        return _estimate(log_w, log_z_a, -1.0, "reverse AIS", state[0])
+    return _estimate(log_w, log_z_a, 1.0, "AIS", state[0])

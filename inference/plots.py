@@ -81,6 +81,36 @@ def plot_training(metrics: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_rbm(metrics: list[dict], samples: torch.Tensor | None, path: Path) -> Path:
+    """An RBM run: held-out metrics per epoch and, for image data, samples of the model.
+
+    ``samples`` are the forward-AIS chains' final states (approximate draws from
+    the RBM), shown when the visible layer is a square image.
+    """
+    keys = [k for k in ("exact_log_likelihood", "pseudo_log_likelihood", "reconstruction_error")
+            if k in metrics[0]]  # fmt: skip
+    side = _image_side(samples.shape[1]) if samples is not None else None
+    rows = 2 if side else 1
+    fig = plt.figure(figsize=(4 * len(keys), 3.2 * rows))
+    grid = fig.add_gridspec(rows, len(keys), height_ratios=[3, 2] if side else [1])
+    epochs = [m["epoch"] for m in metrics]
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(grid[0, i])
+        ax.plot(epochs, [m[key] for m in metrics])
+        ax.set_title(f"held-out {key.replace('_', ' ')}", fontsize=9)
+        ax.set_xlabel("epoch")
+    if side:
+        n = min(samples.shape[0], 16)
+        tiles = samples[:n].reshape(n, side, side).cpu().numpy()
+        ax = fig.add_subplot(grid[1, :])
+        ax.imshow(np.concatenate(list(tiles), axis=1), cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title("model samples (forward AIS chains at beta = 1)", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"{metrics[-1]['method']} RBM, {epochs[-1]} epochs", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_posterior_pairs(
     nuts: np.ndarray, guide: np.ndarray, indices, path: Path, *, khat=None, dims: int = 3
 ) -> Path:

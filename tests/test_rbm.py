@@ -170,19 +170,33 @@ def test_training_update_is_the_contrastive_gradient_with_momentum_and_decay(met
     assert chains.shape == (5, 4) and ((chains == 0) | (chains == 1)).all()
 
 
-def test_rbm_training_improves_exact_likelihood_and_resumes_exactly(tmp_path):
-    from inference.contrastive import RBMConfig, train_rbm
+def test_rbm_training_improves_exact_likelihood_and_resumes_exactly(tmp_path, monkeypatch):
+    import inference.contrastive as contrastive
     from inference.runs import read_metrics
 
-    config = RBMConfig(hidden=10, epochs=6, seed=3)
-    full = train_rbm(config, tmp_path / "full", progress=False)
+    config = contrastive.RBMConfig(hidden=10, epochs=6, seed=3)  # linear lr decay over 6 epochs
+    full = contrastive.train_rbm(config, tmp_path / "full", progress=False)
     rows = read_metrics(tmp_path / "full")
     assert rows[-1]["exact_log_likelihood"] > rows[0]["exact_log_likelihood"]
-    train_rbm(RBMConfig(hidden=10, epochs=3, seed=3), tmp_path / "split", progress=False)
-    resumed = train_rbm(config, tmp_path / "split", resume=True, progress=False)
+
+    save = contrastive.save_checkpoint
+
+    def interrupted_after_epoch_3(out, state):
+        save(out, state)
+        if state["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(contrastive, "save_checkpoint", interrupted_after_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        contrastive.train_rbm(config, tmp_path / "split", progress=False)
+    monkeypatch.undo()
+    resumed = contrastive.train_rbm(config, tmp_path / "split", resume=True, progress=False)
     assert all(
         torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters(), strict=True)
     )
+    assert [r["exact_log_likelihood"] for r in read_metrics(tmp_path / "split")] == [
+        r["exact_log_likelihood"] for r in rows
+    ]
 
 
 def test_rbm_cli(tmp_path, capsys):
