@@ -214,3 +214,24 @@ def test_rbm_cli(tmp_path, capsys):
     assert low <= report["exact"]["log_likelihood"] <= high
     assert main(["evaluate", run]) == 1
     assert "is a rbm run; use elbolab rbm evaluate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--hidden", "0"], "hidden"),
+        (["--method", "cd", "--cd-steps", "0"], "cd-steps"),
+        (["--data", "binarized-mnist", "--data-path", "NONBINARY"], "needs 0/1 data, found 2"),
+    ],
+)
+def test_rbm_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
+    import numpy as np
+
+    from inference.cli import main
+
+    bad = tmp_path / "nonbinary.npz"
+    np.savez(bad, **{s: np.full((4, 784), 2, dtype=np.uint8) for s in ("train", "valid", "test")})
+    args = [str(bad) if a == "NONBINARY" else a for a in args]
+    assert main(["rbm", "train", *args, "--out", str(tmp_path / "run"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
