@@ -90,9 +90,9 @@ def plot_rbm(metrics: list[dict], samples: torch.Tensor | None, path: Path) -> P
     keys = [k for k in ("exact_log_likelihood", "pseudo_log_likelihood", "reconstruction_error")
             if k in metrics[0]]  # fmt: skip
     side = _image_side(samples.shape[1]) if samples is not None else None
-    rows = 2 if side else 1
-    fig = plt.figure(figsize=(4 * len(keys), 3.2 * rows))
-    grid = fig.add_gridspec(rows, len(keys), height_ratios=[3, 2] if side else [1])
+    heights = [3.2, 4 * len(keys) / 16 * 2 + 0.5] if side else [3.2]  # tiles as wide as tall
+    fig = plt.figure(figsize=(4 * len(keys), sum(heights)))
+    grid = fig.add_gridspec(len(heights), len(keys), height_ratios=heights)
     epochs = [m["epoch"] for m in metrics]
     for i, key in enumerate(keys):
         ax = fig.add_subplot(grid[0, i])
@@ -100,10 +100,11 @@ def plot_rbm(metrics: list[dict], samples: torch.Tensor | None, path: Path) -> P
         ax.set_title(f"held-out {key.replace('_', ' ')}", fontsize=9)
         ax.set_xlabel("epoch")
     if side:
-        n = min(samples.shape[0], 16)
+        n = min(samples.shape[0], 32) // 2 * 2 or 1
         tiles = samples[:n].reshape(n, side, side).cpu().numpy()
+        strips = [np.concatenate(list(row), axis=1) for row in np.split(tiles, min(n, 2))]
         ax = fig.add_subplot(grid[1, :])
-        ax.imshow(np.concatenate(list(tiles), axis=1), cmap="gray_r", vmin=0, vmax=1)
+        ax.imshow(np.concatenate(strips, axis=0), cmap="gray_r", vmin=0, vmax=1)
         ax.set_title("model samples (forward AIS chains at beta = 1)", fontsize=9)
         ax.axis("off")
     fig.suptitle(f"{metrics[-1]['method']} RBM, {epochs[-1]} epochs", fontsize=10)
