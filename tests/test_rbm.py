@@ -212,6 +212,7 @@ def test_rbm_cli(tmp_path, capsys):
     report = json.loads((tmp_path / "rbm" / "rbm_eval.json").read_text())
     low, high = report["bracket"]
     assert low <= report["exact"]["log_likelihood"] <= high
+    assert (tmp_path / "rbm" / "rbm_eval.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["evaluate", run]) == 1
     assert "is a rbm run; use elbolab rbm evaluate" in capsys.readouterr().err
 
