@@ -95,7 +95,8 @@ def main() -> None:
         config = RBMConfig(data="binarized-mnist", data_path=str(SHARED_MNIST), hidden=args.hidden,
                            method="pcd", cd_steps=1, epochs=args.epochs,
                            batch_size=args.batch_size, lr=args.lr, momentum=0.0,
-                           weight_decay=0.0, seed=repeat, train_limit=args.train)  # fmt: skip
+                           weight_decay=0.0, lr_schedule="constant", seed=repeat,
+                           train_limit=args.train)  # fmt: skip
         models[OURS].append(train_rbm(config, out, progress=False))
         times[OURS].append(statistics.median(r["seconds"] for r in read_metrics(out)))
 
