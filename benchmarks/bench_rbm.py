@@ -3,9 +3,8 @@
 Same data (the first --train binarized MNIST training images), same hidden
 size, batch size, learning rate and number of epochs, persistent CD-1 in both.
 scikit-learn runs twice per round: on the data as float64, which is what
-``BernoulliRBM().fit`` makes of the uint8 arrays in the npz file (and what
-the issue's reference timing of 0.73 s used), and on float32, its fastest
-setting. Runs alternate (sklearn float64, sklearn float32, elbolab, ...) and
+``BernoulliRBM().fit`` makes of the uint8 arrays in the npz file, and on
+float32, its fastest setting. Runs alternate (sklearn float64, sklearn float32, elbolab, ...) and
 the medians of the seconds per epoch are reported. Both trained models are then scored by
 elbolab: BernoulliRBM's ``components_``, ``intercept_visible_`` and
 ``intercept_hidden_`` are loaded into an elbolab RBM, and the test
