@@ -332,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-limit", type=int, help="train on the first N training images")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out; a new --epochs also stretches the linear "
+                   "learning-rate decay over the new total")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_rbm_train)
     p = rbm_sub.add_parser("evaluate", help="log-likelihood: exact, AIS and reverse AIS")
