@@ -141,11 +141,13 @@ def test_diagnose_and_compare(tmp_path, capsys):
         runs.append(str(run))
     capsys.readouterr()
     assert main(["diagnose", runs[1], "--points", "2", "--chains", "2", "--samples", "60",
-                 "--warmup", "60", "--num-particles", "500", "--no-progress"]) == 0  # fmt: skip
+                 "--warmup", "60", "--num-particles", "500", "--jit",
+                 "--no-progress"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "NUTS reference for 2 test datapoints" in out and "k-hat" in out
     report = json.loads((tmp_path / "iwae" / "diagnose.json").read_text())
     assert len(report["points"]) == 2 and report["khat"]["num_datapoints"] == 2
+    assert report["jit"] is True
     assert (tmp_path / "iwae" / "diagnose.nc").exists()
     assert (tmp_path / "iwae" / "diagnose_pairs.png").exists()
 

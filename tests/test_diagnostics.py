@@ -105,10 +105,11 @@ def conjugate_model(x):
         pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
 
 
-def test_nuts_recovers_the_conjugate_posterior():
+@pytest.mark.parametrize("jit", [False, True])
+def test_nuts_recovers_the_conjugate_posterior(jit):
     x = torch.tensor([0.3, -1.2, 2.0, 0.7, 1.1, 0.4, -0.2, 0.9, 1.5, 0.6])
     samples, divergences = run_nuts(
-        conjugate_model, x, num_chains=2, num_samples=600, warmup_steps=300, seed=1
+        conjugate_model, x, num_chains=2, num_samples=600, warmup_steps=300, seed=1, jit=jit
     )
     mu = samples["mu"]
     assert mu.shape == (2, 600)
