@@ -86,7 +86,10 @@ def test_ais_on_20_hidden_units_is_within_its_error_of_exact_and_reverse_bracket
 
 
 def test_beta_schedules():
-    from inference.partition import beta_schedule
+    from inference.cli import AIS_SCHEDULES
+    from inference.partition import BETA_SCHEDULES, beta_schedule
+
+    assert sorted(AIS_SCHEDULES) == sorted(BETA_SCHEDULES)
 
     for kind in ("linear", "sm08"):
         betas = beta_schedule(14_500, kind)
