@@ -32,7 +32,7 @@ def main() -> None:
     run = args.run or untrained_run(
         Path(tempfile.mkdtemp()) / "hvae", model="hvae", layers=2, hidden=[200, 200], z_dim=50
     )
-    cmd = [sys.executable, "-m", "inference.cli", "gaps", str(run), "--k", str(args.k),
+    cmd = [sys.executable, "-m", "inference.commands.cli", "gaps", str(run), "--k", str(args.k),
            "--inner-samples", "1,10,100", "--limit", str(args.limit), "--no-progress"]  # fmt: skip
     tic = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

@@ -71,7 +71,7 @@ def main() -> None:
     peak_before = matmul_rate(rows, [z_dim, *hidden[::-1], 784])
 
     ks = ",".join(str(k) for k in sorted({1, 50, args.k}))
-    cmd = [sys.executable, "-m", "inference.cli", "evaluate", str(run), "--k", ks,
+    cmd = [sys.executable, "-m", "inference.commands.cli", "evaluate", str(run), "--k", ks,
            "--limit", str(args.limit), "--no-progress"]  # fmt: skip
     tic = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

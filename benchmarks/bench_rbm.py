@@ -29,8 +29,8 @@ import torch
 from common import SHARED_MNIST, mnist_split, save
 from sklearn.neural_network import BernoulliRBM
 
-from inference.contrastive import RBMConfig, ais_bracket, train_rbm
-from inference.partition import ais_log_partition
+from inference.contrastive import RBMConfig, train_rbm
+from inference.partition import ais_bracket, ais_log_partition
 from inference.runs import read_metrics
 from ppl_models.rbm import RBM
 

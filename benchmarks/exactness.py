@@ -14,7 +14,8 @@ import pyro
 import torch
 from common import save
 
-from inference.bounds import elbo_bound, iwae_bound, log_importance_weights
+from inference.bounds import elbo_bound, iwae_bound
+from inference.tracing import log_importance_weights
 from ppl_models import LinearGaussian
 
 

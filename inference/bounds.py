@@ -1,10 +1,7 @@
-r"""Log importance weights for any Pyro model/guide pair, and the bounds built from them.
+r"""Bounds on log p(x) from log importance weights: pure tensor functions, no Pyro.
 
-For a model p(x, z) and guide q(z | x), with z_k ~ q(z | x),
-
-    log w_k = log p(x, z_k) - log q(z_k | x),    k = 1..K,
-
-per datapoint along the data plate. From them
+Given log weights log w_k = log p(x, z_k) - log q(z_k | x), z_k ~ q(z | x)
+(shape (K, N), particles first; see :mod:`inference.tracing`),
 
     ELBO     = mean_k log w_k                    (Kingma & Welling 2014)
     IWAE_K   = logsumexp_k log w_k - log K       (Burda, Grosse & Salakhutdinov 2016)
@@ -12,25 +9,22 @@ per datapoint along the data plate. From them
 with E[ELBO] = IWAE_1 <= E[IWAE_K] <= E[IWAE_K'] <= log p(x) for K <= K', and
 IWAE_K -> log p(x) as K -> infinity.
 
-Plate scales (minibatch subsampling, ``poutine.scale``) are *not* applied to
-log weights: they are per datapoint. Objectives multiply per-datapoint bounds
-by the scale afterwards, never inside a logsumexp.
+Two kinds of standard error appear in elbolab's reports, and each summary
+says which it is (:data:`MONTE_CARLO` or :data:`ACROSS_DATAPOINTS`): the
+Monte Carlo error of an average over *fixed* datapoints (how much the number
+would move with another seed), and the spread across datapoints (how much it
+would move with other data, Monte Carlo included).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import pyro
 import torch
-from pyro import poutine
-from pyro.distributions.kl import kl_divergence
-from pyro.poutine.util import site_is_subsample
-from tqdm.auto import tqdm
 
-PARTICLE_PLATE = "_elbolab_particles"
+MONTE_CARLO = "monte carlo (datapoints fixed)"
+ACROSS_DATAPOINTS = "across datapoints (std / sqrt(N))"
 
 
 def logsumexp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -44,278 +38,44 @@ def logsumexp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return (x - shift).exp().sum(dim).log() + shift.squeeze(dim)
 
 
-# ---------------------------------------------------------------------------
-# Tracing with vectorised particles
-# ---------------------------------------------------------------------------
+def squared_weight_sum(log_w: torch.Tensor, *, lse: torch.Tensor | None = None) -> torch.Tensor:
+    r"""sum_k wbar_k^2 of the normalised weights wbar_k = w_k / sum_j w_j, along dim 0.
 
-
-def sample_sites(trace) -> Iterable[dict]:
-    """The scored sample sites of a trace (no plate subsample sites, no deterministic ones)."""
-    for site in trace.nodes.values():
-        if (
-            site["type"] == "sample"
-            and not site_is_subsample(site)
-            and not site["infer"].get("_deterministic")
-        ):
-            yield site
-
-
-def guess_max_plate_nesting(model: Callable, guide: Callable, args, kwargs) -> int:
-    """How many vectorised plates the model and guide nest (a dry run, like Pyro's ELBO).
-
-    The dry run leaves the random state as it found it, so that calling it (or
-    not) never changes the draws that follow.
+    It is 1 / ESS (the importance-sampling effective sample size) and the
+    core of the delta-method error of log mean_k w_k. ``lse`` is
+    ``logsumexp(log_w, 0)`` when the caller has it already. Columns whose
+    weights are all zero give NaN.
     """
-    with poutine.block(), torch.random.fork_rng(devices=[]):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        values = latent_values(guide_trace)
-        model_trace = poutine.trace(poutine.condition(model, data=values)).get_trace(
-            *args, **kwargs
-        )
-    dims = [
-        -frame.dim
-        for trace in (guide_trace, model_trace)
-        for site in sample_sites(trace)
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized and frame.dim is not None
-    ]
-    return max(dims, default=0)
+    lse = logsumexp(log_w, 0) if lse is None else lse
+    return (log_w - lse).exp().pow(2).sum(0)
 
 
-def latent_values(guide_trace) -> dict[str, torch.Tensor]:
-    """Values of the guide's sample sites: every one is a latent of the model."""
-    return {s["name"]: s["value"] for s in sample_sites(guide_trace)}
+def importance_ess(log_w: torch.Tensor) -> torch.Tensor:
+    """Importance-sampling effective sample size 1 / sum_k wbar_k^2, per column."""
+    return 1.0 / squared_weight_sum(log_w)
 
 
-@dataclass
-class Layout:
-    """Where the particle and data dimensions sit in every site's batch shape."""
+def log_mean_weight_stderr(log_w: torch.Tensor, *, lse: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Delta-method standard error of log (1/K) sum_k w_k, along dim 0.
 
-    num_particles: int
-    max_plate_nesting: int
-    plate: str | None
-    plate_dim: int | None = None  # negative batch dim of the data plate, once found
-    plate_size: int | None = None
-
-    @property
-    def rank(self) -> int:
-        return self.max_plate_nesting + 1
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        if self.plate_dim is None:
-            return (self.num_particles,)
-        return (self.num_particles, self.plate_size)
-
-    def find_plate(self, *traces) -> None:
-        """Record the data plate's dim and (subsample) size, if any site lies in it."""
-        if self.plate is None:
-            return
-        for trace in traces:
-            for site in sample_sites(trace):
-                for frame in site["cond_indep_stack"]:
-                    if frame.name == self.plate:
-                        if frame.dim is None:
-                            raise ValueError(
-                                f"plate {self.plate!r} is sequential; per-datapoint weights "
-                                "need a vectorised plate"
-                            )
-                        self.plate_dim, self.plate_size = frame.dim, frame.size
-                        return
-
-    def reduce(self, site: dict, log_prob: torch.Tensor) -> torch.Tensor:
-        """Sum a site's log density over every batch dim but particles (and data plate)."""
-        mask = site["mask"]
-        if mask is False:
-            log_prob = torch.zeros_like(log_prob)
-        elif isinstance(mask, torch.Tensor):
-            log_prob = torch.where(mask, log_prob, torch.zeros_like(log_prob))
-        if log_prob.dim() > self.rank:
-            raise ValueError(
-                f"site {site['name']!r} has batch shape {tuple(log_prob.shape)} with more dims "
-                f"than its {self.max_plate_nesting} plate(s)"
-            )
-        log_prob = log_prob.reshape((1,) * (self.rank - log_prob.dim()) + log_prob.shape)
-        if self.plate_dim is None:
-            return log_prob.sum(tuple(range(1, self.rank))).expand(self.shape)
-        if not any(f.name == self.plate for f in site["cond_indep_stack"]):
-            raise ValueError(
-                f"site {site['name']!r} lies outside plate {self.plate!r}: per-datapoint log "
-                "weights need every sample site inside it (pass plate=None for joint weights)"
-            )
-        keep = self.rank + self.plate_dim
-        others = tuple(d for d in range(1, self.rank) if d != keep)
-        if others:
-            log_prob = log_prob.sum(others, keepdim=True)
-        return log_prob.reshape(log_prob.shape[0], log_prob.shape[keep]).expand(self.shape)
-
-    def expand_factor(self, factor: torch.Tensor, value: torch.Tensor, event_dim: int):
-        """Reshape a (K, N) or (K,) factor to broadcast against a site value."""
-        shape = [1] * value.dim()
-        batch_start = value.dim() - event_dim - self.rank
-        shape[batch_start] = self.num_particles
-        if self.plate_dim is not None:
-            shape[value.dim() - event_dim + self.plate_dim] = self.plate_size
-        return factor.reshape(shape)
-
-
-@dataclass
-class WeightedSample:
-    """Per-particle log densities of one vectorised draw from the guide."""
-
-    log_p: torch.Tensor  # (K, N) or (K,)
-    log_q: torch.Tensor
-    layout: Layout
-    guide_trace: object
-    model_trace: object
-
-    @property
-    def log_w(self) -> torch.Tensor:
-        return self.log_p - self.log_q
-
-    def scale(self) -> float | torch.Tensor:
-        """The one scale (e.g. N/B from subsampling) shared by every scored site."""
-        scales = {
-            float(s["scale"]) if not isinstance(s["scale"], torch.Tensor) else s["scale"].item()
-            for t in (self.guide_trace, self.model_trace)
-            for s in sample_sites(t)
-        }
-        if len(scales) > 1:
-            raise ValueError(
-                f"sites carry different scales {sorted(scales)}; a per-datapoint bound needs "
-                "one scale for the whole model and guide"
-            )
-        return scales.pop() if scales else 1.0
-
-
-def trace_guide(guide: Callable, args, kwargs, layout: Layout, *, values=None):
-    """Trace the guide under the particle plate; conditioned on ``values`` when given."""
-    guided = guide if values is None else poutine.condition(guide, data=values)
-    with pyro.plate(PARTICLE_PLATE, layout.num_particles, dim=-layout.rank):
-        trace = poutine.trace(guided).get_trace(*args, **kwargs)
-    if layout.plate_dim is None:
-        layout.find_plate(trace)
-    return trace
-
-
-def trace_model(model: Callable, args, kwargs, layout: Layout, *, values, free=()):
-    """Trace the model under the particle plate with its latent sites set to ``values``.
-
-    Sites named in ``free`` are sampled from the model instead (for example
-    auxiliary sites drawn from a reverse model); any other latent site
-    missing from ``values`` is an error.
+    Var[log Z^] ~ Var[w] / (K E[w]^2), estimated by ``sum_k wbar_k^2 - 1/K``
+    = 1/ESS - 1/K. The estimate is optimistic when the weights are
+    heavy-tailed (check the PSIS k-hat).
     """
-    with pyro.plate(PARTICLE_PLATE, layout.num_particles, dim=-layout.rank):
-        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
-    if layout.plate_dim is None:
-        layout.find_plate(trace)
-    for site in sample_sites(trace):
-        if not site["is_observed"] and site["name"] not in free:
-            raise ValueError(
-                f"model site {site['name']!r} is latent but the guide does not sample it"
-            )
-    return trace
+    k = log_w.shape[0]
+    return (squared_weight_sum(log_w, lse=lse) - 1.0 / k).clamp(min=0.0).sqrt()
 
 
-def log_density(trace, layout: Layout, *, only=None, exclude=()) -> torch.Tensor:
-    """Sum of the sample sites' log densities, reduced to ``layout.shape``.
-
-    ``only`` (names) restricts the sum to those sites; ``exclude`` leaves some out.
-    """
-    terms = [
-        layout.reduce(s, s["fn"].log_prob(s["value"]))
-        for s in sample_sites(trace)
-        if (only is None or s["name"] in only) and s["name"] not in exclude
-    ]
-    return sum(terms[1:], terms[0]) if terms else torch.zeros(layout.shape)
+def summary(mean: float, stderr: float, error: str) -> dict:
+    """A reported number with its standard error and what the error measures."""
+    return {"mean": float(mean), "stderr": float(stderr), "error": error}
 
 
-def weighted_sample(
-    model: Callable,
-    guide: Callable,
-    args,
-    kwargs,
-    layout: Layout,
-    *,
-    values: dict[str, torch.Tensor] | None = None,
-) -> WeightedSample:
-    """Draw K particles from the guide in one vectorised pass and score them under the model.
-
-    With ``values``, the guide's sites are set to them instead of sampled.
-    """
-    guide_trace = trace_guide(guide, args, kwargs, layout, values=values)
-    values = latent_values(guide_trace)
-    model_trace = trace_model(model, args, kwargs, layout, values=values)
-    return WeightedSample(
-        log_density(model_trace, layout),
-        log_density(guide_trace, layout),
-        layout,
-        guide_trace,
-        model_trace,
-    )
-
-
-def log_importance_weights(
-    model: Callable,
-    guide: Callable,
-    *args,
-    num_particles: int,
-    chunk_size: int | None = None,
-    plate: str | None = "data",
-    **kwargs,
-) -> torch.Tensor:
-    r"""Log importance weights ``log p(x, z_k) - log q(z_k | x)`` for any model/guide pair.
-
-    Particles are vectorised with an outer plate to the left of every plate
-    of the model and guide, and drawn in chunks of ``chunk_size`` so that
-    memory stays bounded for large K. Gradients are not tracked.
-
-    Parameters
-    ----------
-    model, guide : callable
-        A Pyro model and guide taking ``*args, **kwargs``. Every latent site of
-        the model must be sampled by the guide.
-    *args, **kwargs
-        Passed to both.
-    num_particles : int
-        K, the number of draws from the guide.
-    chunk_size : int, optional
-        Particles per vectorised pass (default: all K at once).
-    plate : str or None
-        Name of the data plate. Log densities are summed over every other
-        batch dimension.
-
-    Returns
-    -------
-    torch.Tensor
-        Shape (K, N) when the model's sites lie in a plate named ``plate``
-        (N = its subsample size), shape (K,) when there is no such plate.
-        Plate scales are not applied. Impossible draws give ``-inf``, never NaN.
-
-    References
-    ----------
-    Burda, Grosse & Salakhutdinov (2016), Importance Weighted Autoencoders, ICLR.
-    """
-    if num_particles < 1:
-        raise ValueError(f"num_particles must be >= 1, got {num_particles}")
-    chunk_size = num_particles if chunk_size is None else int(chunk_size)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    with torch.no_grad():
-        nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-        chunks = []
-        for start in range(0, num_particles, chunk_size):
-            size = min(chunk_size, num_particles - start)
-            layout = Layout(size, nesting, plate)
-            chunk = weighted_sample(model, guide, args, kwargs, layout).log_w
-            assert chunk.shape[0] == size
-            chunks.append(chunk)
-    return torch.cat(chunks, 0)
-
-
-# ---------------------------------------------------------------------------
-# Bounds from log weights
-# ---------------------------------------------------------------------------
+def across_datapoints(values: torch.Tensor) -> dict:
+    """Mean of per-datapoint values and its standard error from their spread."""
+    n = values.numel()
+    stderr = float(values.std() / math.sqrt(n)) if n > 1 else math.inf
+    return summary(float(values.mean()), stderr, ACROSS_DATAPOINTS)
 
 
 @dataclass(frozen=True)
@@ -333,6 +93,15 @@ class Bound:
         """
         n = self.value.numel()
         return float(self.value.mean()), float(self.stderr.pow(2).sum().sqrt() / n)
+
+    def summary(self) -> dict:
+        """:meth:`mean` as a report entry labelled :data:`MONTE_CARLO`."""
+        return summary(*self.mean(), MONTE_CARLO)
+
+    @staticmethod
+    def cat(bounds: list[Bound]) -> Bound:
+        """Per-datapoint bounds of consecutive batches joined into one."""
+        return Bound(torch.cat([b.value for b in bounds]), torch.cat([b.stderr for b in bounds]))
 
 
 def elbo_bound(log_w: torch.Tensor) -> Bound:
@@ -360,10 +129,7 @@ def iwae_bound(log_w: torch.Tensor, *, k: int | None = None) -> Bound:
     G = K // k disjoint groups and the G independent IWAE_k estimates are
     averaged (rows beyond G k are unused); the standard error is their
     spread, std_g / sqrt(G). With one group (k = K) it follows from the delta
-    method, Var[log Z^] ~ Var[w] / (k E[w]^2), estimated by
-    ``sum_k wbar_k^2 - 1/k`` = 1/ESS - 1/k with wbar the normalised weights;
-    that estimate is optimistic when the weights are heavy-tailed (check the
-    PSIS k-hat).
+    method (:func:`log_mean_weight_stderr`).
 
     Parameters
     ----------
@@ -387,135 +153,7 @@ def iwae_bound(log_w: torch.Tensor, *, k: int | None = None) -> Bound:
     if groups > 1:
         stderr = value.std(0) / math.sqrt(groups)
     else:
-        normalised = (grouped[0] - lse).exp()
-        stderr = (normalised.pow(2).sum(0) - 1.0 / k).clamp(min=0.0).sqrt()
+        stderr = log_mean_weight_stderr(grouped[0], lse=lse[0])
     mean = value.mean(0)
     stderr = torch.where(torch.isfinite(mean), stderr, torch.full_like(stderr, math.inf))
     return Bound(mean, stderr)
-
-
-def elbo_decomposition(
-    model: Callable,
-    guide: Callable,
-    *args,
-    num_particles: int = 100,
-    plate: str | None = "data",
-    **kwargs,
-) -> dict[str, torch.Tensor]:
-    r"""Split the ELBO into reconstruction and KL terms, per datapoint.
-
-    ELBO = E_q[log p(x | z)] - KL(q(z | x) || p(z)), with KL = CE - H where
-    H = -E_q[log q] is the guide's entropy and CE = -E_q[log p(z)] the cross
-    entropy. KL and H are analytic where torch knows them for a site's pair
-    of distributions, Monte Carlo over ``num_particles`` draws otherwise.
-
-    Returns
-    -------
-    dict
-        ``reconstruction``, ``kl``, ``entropy``, ``cross_entropy``, ``elbo``,
-        each (N,) (or scalar without a data plate), and ``kl_analytic`` (bool).
-    """
-    with torch.no_grad():
-        nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-        layout = Layout(num_particles, nesting, plate)
-        sample = weighted_sample(model, guide, args, kwargs, layout)
-        guide_sites = {s["name"]: s for s in sample_sites(sample.guide_trace)}
-        # Conditioned latent sites are marked observed in the model trace: tell them by name.
-        recon = kl = entropy = torch.zeros(layout.shape, device=sample.log_w.device)
-        analytic = True
-        for site in sample_sites(sample.model_trace):
-            log_p = layout.reduce(site, site["fn"].log_prob(site["value"]))
-            if site["name"] not in guide_sites:
-                recon = recon + log_p
-                continue
-            q_site = guide_sites[site["name"]]
-            log_q = layout.reduce(q_site, q_site["fn"].log_prob(q_site["value"]))
-            try:
-                kl = kl + layout.reduce(q_site, kl_divergence(q_site["fn"], site["fn"]))
-            except NotImplementedError:
-                analytic = False
-                kl = kl + log_q - log_p
-            try:
-                entropy = entropy + layout.reduce(q_site, q_site["fn"].entropy())
-            except NotImplementedError:
-                entropy = entropy - log_q
-        recon, kl, entropy = recon.mean(0), kl.mean(0), entropy.mean(0)
-    return {
-        "reconstruction": recon,
-        "kl": kl,
-        "entropy": entropy,
-        "cross_entropy": kl + entropy,
-        "elbo": recon - kl,
-        "kl_analytic": analytic,
-    }
-
-
-def _prefixed(parts: dict, prefix: str) -> dict:
-    return {k.split("/", 1)[1]: v for k, v in parts.items() if k.startswith(prefix + "/")}
-
-
-def evaluate_bounds(
-    model: Callable,
-    guide: Callable,
-    data: torch.Tensor,
-    *,
-    ks: Sequence[int],
-    batch_size: int = 100,
-    max_rows: int = 2_000,
-    decomposition_particles: int = 100,
-    statistics: Mapping[str, Callable[[torch.Tensor], object]] | None = None,
-    progress: bool = True,
-) -> dict:
-    """ELBO, IWAE-k for every k in ``ks`` and the ELBO decomposition over a data set.
-
-    For each batch of datapoints, max(ks) particles are drawn (in chunks of
-    about ``max_rows / batch_size`` so that memory stays bounded), the IWAE-k
-    estimates use disjoint groups of k of them, and the ELBO uses all of them.
-
-    ``statistics`` maps names to functions of a batch's (K, B) log weights
-    that return one value per datapoint (for example the PSIS k-hat).
-
-    Returns
-    -------
-    dict
-        ``"elbo"`` and ``"iwae"`` (a dict k -> :class:`Bound`) with per-datapoint
-        values, ``"decomposition"`` and ``"statistics"`` (per-datapoint tensors).
-    """
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
-    k_max = ks[-1]
-    chunk = max(1, max_rows // batch_size)
-    parts: dict[str, list[torch.Tensor]] = {}
-
-    def add(name: str, tensor: torch.Tensor) -> None:
-        parts.setdefault(name, []).append(tensor)
-
-    batches = range(0, data.shape[0], batch_size)
-    for start in tqdm(batches, desc=f"IWAE-{k_max}", disable=not progress, leave=False):
-        xb = data[start : start + batch_size]
-        log_w = log_importance_weights(model, guide, xb, num_particles=k_max, chunk_size=chunk)
-        for name, fn in (statistics or {}).items():
-            add(f"statistics/{name}", torch.as_tensor(fn(log_w)).reshape(-1))
-        elbo = elbo_bound(log_w)
-        add("elbo", elbo.value)
-        add("elbo_se", elbo.stderr)
-        for k in ks:
-            bound = iwae_bound(log_w, k=k)
-            add(f"iwae{k}", bound.value)
-            add(f"iwae{k}_se", bound.stderr)
-        parts_dec = elbo_decomposition(
-            model, guide, xb, num_particles=min(decomposition_particles, k_max)
-        )
-        for name, value in parts_dec.items():
-            if name != "kl_analytic":
-                add(f"decomposition/{name}", value)
-        add("kl_analytic", torch.tensor([parts_dec["kl_analytic"]]))
-    cat = {name: torch.cat(values) for name, values in parts.items()}
-    return {
-        "elbo": Bound(cat["elbo"], cat["elbo_se"]),
-        "iwae": {k: Bound(cat[f"iwae{k}"], cat[f"iwae{k}_se"]) for k in ks},
-        "decomposition": _prefixed(cat, "decomposition"),
-        "statistics": _prefixed(cat, "statistics"),
-        "kl_analytic": bool(cat["kl_analytic"].all()),
-    }

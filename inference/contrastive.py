@@ -15,32 +15,26 @@ objective.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
 from ppl_models.rbm import RBM, sample_bernoulli
 
 from .data import DATASETS, load_dataset
 from .partition import exact_log_partition
 from .runs import (
-    CONFIG,
     RunConfig,
     RunError,
     load_checkpoint,
     prepare_run,
     read_config,
-    read_metrics,
     restore_rng,
     rng_state,
-    save_checkpoint,
-    write_json,
-    write_metrics,
 )
+from .training import Trainer, check_finite, fit
 
 METHODS = ("cd", "pcd")
 SCHEDULES = ("constant", "linear")
@@ -196,6 +190,11 @@ def train_rbm(
     pseudo-log-likelihood of the held-out split, and its exact log-likelihood
     when the smaller layer has at most 20 units; the checkpoint holds the
     parameters, momentum buffers, persistent chains and random states.
+
+    Raises
+    ------
+    TrainingDiverged
+        When a parameter becomes NaN or infinite; the last good checkpoint stays.
     """
     out = Path(out)
     config = prepare_run(config.validate(), out, resume)
@@ -204,68 +203,52 @@ def train_rbm(
     x_train = dataset.split("train")[: config.train_limit]
     x_heldout = dataset.split(dataset.heldout_split)
     rbm = RBM(dataset.x_dim, config.hidden).requires_grad_(False)
-    velocity = {name: torch.zeros_like(p) for name, p in rbm.named_parameters()}
+    # Filled in place, so that the closures below see what a resume restores.
+    run = {
+        "velocity": {name: torch.zeros_like(p) for name, p in rbm.named_parameters()},
+        "hidden_chains": sample_bernoulli(torch.full((config.batch_size, config.hidden), 0.5)),
+    }
     shuffle = torch.Generator().manual_seed(config.seed)
-    chains = sample_bernoulli(torch.full((config.batch_size, config.hidden), 0.5))
-    start_epoch, metrics = 0, []
-    if resume:
-        state = load_checkpoint(out)
-        rbm.load_state_dict(state["model"])
-        velocity = state["velocity"]
-        chains = state["hidden_chains"]
-        restore_rng(state["rng"], shuffle)
-        start_epoch = state["epoch"]
-        metrics = [row for row in read_metrics(out) if row["epoch"] <= start_epoch]
-    else:
-        with torch.no_grad():  # visible biases at the data's log-odds (Hinton 2010, section 8)
-            p = x_train.mean(0).clamp(1e-3, 1 - 1e-3)
-            rbm.b_v.copy_(torch.log(p) - torch.log1p(-p))
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / CONFIG, config.to_dict())
     num_data = x_train.shape[0]
-    steps = math.ceil(num_data / config.batch_size)
     exact = min(rbm.n_visible, rbm.n_hidden) <= EXACT_METRIC_UNITS
-    elapsed = metrics[-1]["elapsed"] if metrics else 0.0
-    bar = tqdm(total=(config.epochs - start_epoch) * steps, disable=not progress, unit="step",
-               desc=f"rbm/{config.method}-{config.cd_steps}")  # fmt: skip
-    with bar, torch.no_grad():
-        for epoch in range(start_epoch, config.epochs):
-            tic = time.perf_counter()
-            order = torch.randperm(num_data, generator=shuffle)
-            for begin in range(0, num_data, config.batch_size):
-                v = x_train[order[begin : begin + config.batch_size]]
-                lr = learning_rate(config, epoch)
-                new = _cd_update(rbm, v, chains[: v.shape[0]], config, velocity, lr)
-                if config.method == "pcd":
-                    chains[: v.shape[0]] = new
-                bar.update(1)
-            if not all(torch.isfinite(p).all() for p in rbm.parameters()):
-                raise RunError(
-                    f"RBM training diverged in epoch {epoch + 1}; the last good checkpoint "
-                    f"(epoch {epoch}) is kept in {out}; try a smaller --lr"
-                )
-            seconds = time.perf_counter() - tic
-            elapsed += seconds
-            row = {
-                "epoch": epoch + 1,
-                "method": f"{config.method}-{config.cd_steps}",
-                "reconstruction_error": reconstruction_error(rbm, x_heldout),
-                "pseudo_log_likelihood": pseudo_log_likelihood(rbm, x_heldout),
-                "seconds": seconds,
-                "elapsed": elapsed,
-            }
-            if exact:
-                row["exact_log_likelihood"] = exact_log_likelihood(rbm, x_heldout)
-            metrics.append(row)
-            state = {
-                "epoch": epoch + 1,
-                "model": rbm.state_dict(),
-                "velocity": velocity,
-                "hidden_chains": chains,
-                "rng": rng_state(shuffle, torch.device("cpu")),
-            }
-            write_metrics(out, metrics)
-            save_checkpoint(out, state)
+
+    def start(state: dict | None) -> None:
+        if state is None:
+            with torch.no_grad():  # visible biases at the data's log-odds (Hinton 2010, section 8)
+                p = x_train.mean(0).clamp(1e-3, 1 - 1e-3)
+                rbm.b_v.copy_(torch.log(p) - torch.log1p(-p))
+            return
+        rbm.load_state_dict(state["model"])
+        run["velocity"], run["hidden_chains"] = state["velocity"], state["hidden_chains"]
+        restore_rng(state["rng"], shuffle)
+
+    @torch.no_grad()
+    def epoch(index: int, bar) -> dict:
+        chains, lr = run["hidden_chains"], learning_rate(config, index)
+        order = torch.randperm(num_data, generator=shuffle)
+        for begin in range(0, num_data, config.batch_size):
+            v = x_train[order[begin : begin + config.batch_size]]
+            new = _cd_update(rbm, v, chains[: v.shape[0]], config, run["velocity"], lr)
+            if config.method == "pcd":
+                chains[: v.shape[0]] = new
+            bar.update(1)
+        for name, param in rbm.named_parameters():
+            check_finite(param, out, index, f"the RBM's {name} is not finite")
+        row = {
+            "method": f"{config.method}-{config.cd_steps}",
+            "reconstruction_error": reconstruction_error(rbm, x_heldout),
+            "pseudo_log_likelihood": pseudo_log_likelihood(rbm, x_heldout),
+        }
+        if exact:
+            row["exact_log_likelihood"] = exact_log_likelihood(rbm, x_heldout)
+        return row
+
+    def state() -> dict:
+        return {"model": rbm.state_dict(), **run, "rng": rng_state(shuffle, torch.device("cpu"))}
+
+    steps = math.ceil(num_data / config.batch_size)
+    trainer = Trainer(start, epoch, state, steps, f"rbm/{config.method}-{config.cd_steps}")
+    fit(trainer, config, out, resume=resume, progress=progress)
     return rbm
 
 
@@ -276,121 +259,3 @@ def load_rbm_run(run_dir: str | Path) -> tuple[RBMConfig, object, RBM]:
     rbm = RBM(dataset.x_dim, config.hidden).requires_grad_(False)
     rbm.load_state_dict(load_checkpoint(run_dir)["model"])
     return config, dataset, rbm
-
-
-def evaluate_rbm_run(
-    run_dir: str | Path,
-    *,
-    split: str = "test",
-    num_chains: int = 100,
-    num_betas: int = 14_500,
-    schedule: str = "sm08",
-    seed: int = 0,
-) -> dict:
-    """Held-out log-likelihood of a trained RBM: exact where enumerable, AIS with a bracket.
-
-    log p(v) = -F(v) - log Z. Forward AIS (base rates from the training split)
-    tends to underestimate log Z, so its log-likelihood is optimistic; reverse
-    AIS started from training data tends to overestimate it, so its
-    log-likelihood is conservative: together, each widened by 3 standard errors
-    (reverse AIS from data rather than exact samples is only approximately
-    biased high), they bracket the truth.
-    Writes ``rbm_eval.json``.
-    """
-    from .partition import MAX_EXACT_UNITS, ais_log_partition
-
-    run_dir = Path(run_dir)
-    config, dataset, rbm = load_rbm_run(run_dir)
-    x = dataset.split(split)
-    train = dataset.split("train")
-    with torch.no_grad():
-        mean_neg_free = float(-rbm.free_energy(x).double().mean())
-    tic = time.perf_counter()
-    ais = {"num_chains": num_chains, "num_betas": num_betas, "schedule": schedule, "data": train}
-    forward = ais_log_partition(rbm, **ais, seed=seed)
-    reverse = ais_log_partition(rbm, **ais, seed=seed + 1, reverse=True)
-    seconds = time.perf_counter() - tic
-    report = {
-        "run": str(run_dir),
-        "split": split,
-        "num_datapoints": int(x.shape[0]),
-        "method": f"{config.method}-{config.cd_steps}",
-        "hidden": config.hidden,
-        "mean_neg_free_energy": mean_neg_free,
-        "ais": {
-            "log_z": forward.log_z,
-            "stderr": forward.stderr,
-            "log_likelihood": mean_neg_free - forward.log_z,
-        },  # fmt: skip
-        "reverse_ais": {
-            "log_z": reverse.log_z,
-            "stderr": reverse.stderr,
-            "log_likelihood": mean_neg_free - reverse.log_z,
-        },  # fmt: skip
-        "bracket": ais_bracket(mean_neg_free, forward, reverse),
-        # Reverse AIS should not fall below forward AIS beyond Monte Carlo error.
-        "ordered": reverse.log_z >= forward.log_z - 3 * math.hypot(forward.stderr, reverse.stderr),
-        "ais_chains": num_chains,
-        "ais_betas": num_betas,
-        "ais_schedule": schedule,
-        "ais_seconds": seconds,
-        "seed": seed,
-    }
-    if min(rbm.n_visible, rbm.n_hidden) <= MAX_EXACT_UNITS:
-        log_z = exact_log_partition(rbm)
-        report["exact"] = {"log_z": log_z, "log_likelihood": mean_neg_free - log_z}
-    from .plots import plot_rbm
-
-    report["figure"] = str(plot_rbm(read_metrics(run_dir), forward.final_states,
-                                    run_dir / "rbm_eval.png"))  # fmt: skip
-    write_json(run_dir / "rbm_eval.json", report)
-    return report
-
-
-def ais_bracket(mean_neg_free: float, forward, reverse) -> list[float]:
-    """Interval for the mean log p(v) from forward and reverse AIS, 3 s.e. at each end.
-
-    Forward AIS tends to underestimate log Z and reverse AIS to overestimate
-    it, so their log-likelihoods usually bracket the truth; reverse AIS started
-    from data rather than model samples can break that order (a model far
-    from the data), so the interval is the union of both estimates' 3-s.e.
-    intervals.
-    """
-    ends = [
-        mean_neg_free - estimate.log_z + sign * 3 * estimate.stderr
-        for estimate in (forward, reverse)
-        for sign in (-1, 1)
-    ]
-    return [min(ends), max(ends)]
-
-
-def format_rbm_report(report: dict) -> str:
-    """The table printed by ``elbolab rbm evaluate``."""
-    lines = [
-        f"{report['run']}: RBM {report['hidden']} hidden, {report['method']}, "
-        f"{report['split']} split ({report['num_datapoints']} datapoints)",
-        f"{'method':<14}{'log Z':>12}{'stderr':>9}{'log p(v)':>12}",
-    ]
-    if "exact" in report:
-        e = report["exact"]
-        lines.append(f"{'exact':<14}{e['log_z']:>12.3f}{0.0:>9.3f}{e['log_likelihood']:>12.3f}")
-    for name, key in (("AIS", "ais"), ("reverse AIS", "reverse_ais")):
-        r = report[key]
-        lines.append(
-            f"{name:<14}{r['log_z']:>12.3f}{r['stderr']:>9.3f}{r['log_likelihood']:>12.3f}"
-        )
-    low, high = report["bracket"]
-    lines.append(
-        f"bracket (3 s.e. at each end): {low:.3f} <= log p(v) <= {high:.3f} nats "
-        f"({report['ais_chains']} chains, "
-        f"{report['ais_betas']} inverse temperatures ({report.get('ais_schedule', 'linear')}), "
-        f"{report['ais_seconds']:.1f} s)"
-    )
-    if not report.get("ordered", True):
-        lines.append(
-            "note: reverse AIS from data gave a log Z more than 3 s.e. below forward AIS; the "
-            "data are not close to model samples, so the bracket is the union of both intervals"
-        )
-    if "figure" in report:
-        lines.append(f"figure: {report['figure']}")
-    return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Posterior diagnostics with ArviZ 1.x: Pyro results as DataTrees, PSIS k-hat, NUTS references.
 
-This is the only module that imports arviz. ArviZ 1.x has no Pyro converter;
+This is the only module that imports arviz (where used, so that the command line
+starts without its second of imports). ArviZ 1.x has no Pyro converter;
 the functions here build ``xarray.DataTree`` objects with named dimensions
 (``chain``, ``draw``, ``datapoint``, ``latent``) from Pyro MCMC runs, guide
 samples and elbolab's log importance weights, and save them as netCDF.
@@ -15,11 +16,15 @@ effectively infinite and convergence impractically slow).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from pyro.infer import Predictive
+
+from . import bounds
+from .runs import atomic_write
 
 KHAT_GOOD = 0.5
 KHAT_BAD = 0.7
@@ -82,12 +87,8 @@ def _column_khat(lw: np.ndarray, array_stats) -> float:
 
 
 def importance_ess(log_w) -> np.ndarray:
-    """Importance-sampling effective sample size 1 / sum_k wbar_k^2 per datapoint."""
-    lw = _numpy(log_w)
-    lw = lw - lw.max(0, keepdims=True)
-    w = np.exp(lw)
-    w = w / w.sum(0, keepdims=True)
-    return 1.0 / (w**2).sum(0)
+    """Importance-sampling effective sample size 1 / sum_k wbar_k^2 per datapoint, as numpy."""
+    return bounds.importance_ess(torch.as_tensor(_numpy(log_w))).numpy()
 
 
 def khat_summary(khat) -> dict:
@@ -178,15 +179,20 @@ def from_guide(
     guide: Callable,
     *args,
     num_samples: int,
+    sites: Sequence[str] | None = None,
     dims=None,
     coords=None,
     **kwargs,
 ):
-    """Draws from a guide (via ``pyro.infer.Predictive``) as a one-chain DataTree."""
-    from pyro.infer import Predictive
+    """Draws from a guide (via ``pyro.infer.Predictive``) as a one-chain DataTree.
 
+    Each draw runs the whole guide, so a site's draws follow its marginal
+    under the guide (for a hierarchical encoder, q(z | x) with the layers
+    below z sampled). ``sites`` restricts the tree to those sites.
+    """
     with torch.no_grad():
-        draws = Predictive(guide, num_samples=num_samples, parallel=True)(*args, **kwargs)
+        predictive = Predictive(guide, num_samples=num_samples, parallel=True, return_sites=sites)
+        draws = predictive(*args, **kwargs)
     draws = {name: v.unsqueeze(0) for name, v in draws.items()}
     return samples_to_datatree(draws, dims=dims, coords=coords)
 
@@ -223,8 +229,6 @@ def weights_to_datatree(
 
 def save_datatree(tree, path: str | Path) -> Path:
     """Write a DataTree to netCDF (h5netcdf) atomically."""
-    from .runs import atomic_write
-
     atomic_write(Path(path), lambda tmp: tree.to_netcdf(tmp, engine="h5netcdf"))
     return Path(path)
 
@@ -235,13 +239,6 @@ def load_datatree(path: str | Path):
 
     with xr.open_datatree(path, engine="h5netcdf") as tree:
         return tree.load()
-
-
-def convergence_summary(tree, *, var_names=None):
-    """ArviZ's summary table (mean, sd, ESS bulk/tail, R-hat) of a posterior DataTree."""
-    import arviz_stats
-
-    return arviz_stats.summary(tree, var_names=var_names)
 
 
 def rhat_ess(tree, var: str) -> tuple[np.ndarray, np.ndarray]:

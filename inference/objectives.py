@@ -21,12 +21,12 @@ from collections.abc import Callable
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from .bounds import (
+from .bounds import logsumexp
+from .tracing import (
     Layout,
     guess_max_plate_nesting,
     latent_values,
     log_density,
-    logsumexp,
     sample_sites,
     trace_guide,
     weighted_sample,

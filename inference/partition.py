@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from ppl_models.rbm import sample_bernoulli
 
-from .bounds import logsumexp
+from .bounds import log_mean_weight_stderr, logsumexp
 
 MAX_EXACT_UNITS = 25
 BETA_SCHEDULES = ("linear", "sm08")
@@ -116,10 +116,9 @@ class _Path:
 def _estimate(
     log_w: torch.Tensor, offset: float, sign: float, method: str, states: torch.Tensor
 ) -> PartitionEstimate:
-    k = log_w.numel()
-    log_mean = float(logsumexp(log_w, 0)) - math.log(k)
-    normalised = torch.softmax(log_w, 0)
-    stderr = math.sqrt(max(float((normalised**2).sum()) - 1.0 / k, 0.0))
+    lse = logsumexp(log_w, 0)
+    log_mean = float(lse) - math.log(log_w.numel())
+    stderr = float(log_mean_weight_stderr(log_w, lse=lse))
     return PartitionEstimate(offset + sign * log_mean, stderr, log_w, method, states)
 
 
@@ -196,3 +195,20 @@ def ais_log_partition(
         # mean of the weights estimates Z_A / Z_B
         return _estimate(log_w, log_z_a, -1.0, "reverse AIS", state[0])
     return _estimate(log_w, log_z_a, 1.0, "AIS", state[0])
+
+
+def ais_bracket(mean_neg_free: float, forward, reverse) -> list[float]:
+    """Interval for the mean log p(v) from forward and reverse AIS, 3 s.e. at each end.
+
+    Forward AIS tends to underestimate log Z and reverse AIS to overestimate
+    it, so their log-likelihoods usually bracket the truth; reverse AIS started
+    from data rather than model samples can break that order (a model far
+    from the data), so the interval is the union of both estimates' 3-s.e.
+    intervals.
+    """
+    ends = [
+        mean_neg_free - estimate.log_z + sign * 3 * estimate.stderr
+        for estimate in (forward, reverse)
+        for sign in (-1, 1)
+    ]
+    return [min(ends), max(ends)]

@@ -2,31 +2,41 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from itertools import combinations
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from .runs import atomic_write
 
-from .runs import atomic_write  # noqa: E402
+
+@functools.cache
+def _pyplot():
+    """Matplotlib's pyplot on the Agg backend, imported on first use.
+
+    The command line starts without it (a third of a second).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save(fig, path: Path) -> Path:
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    _pyplot().close(fig)
     return Path(path)
 
 
 def plot_iwae_ladder(report: dict, path: Path) -> Path:
     """IWAE-k against k (log axis) with error bars, the ELBO and any exact log p(x)."""
-    from .evaluate import iwae_ladder
-
     ks, means, errs = iwae_ladder(report)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = _pyplot().subplots(figsize=(5.5, 3.8))
     ax.errorbar(ks, means, yerr=errs, marker="o", capsize=3, label="IWAE-k")
     elbo = report["elbo"]
     ax.axhline(elbo["mean"], color="C1", ls="--", label=f"ELBO {elbo['mean']:.2f}")
@@ -52,7 +62,7 @@ def plot_images(rows: list[tuple[str, torch.Tensor]], path: Path) -> Path:
     if side is None:
         raise ValueError(f"cannot show {rows[0][1].shape[1]}-dim data as square images")
     n = max(r[1].shape[0] for r in rows)
-    fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.8, len(rows) * 0.9), squeeze=False)
+    fig, axes = _pyplot().subplots(len(rows), n, figsize=(n * 0.8, len(rows) * 0.9), squeeze=False)
     for i, (label, images) in enumerate(rows):
         for j in range(n):
             ax = axes[i][j]
@@ -68,7 +78,7 @@ def plot_images(rows: list[tuple[str, torch.Tensor]], path: Path) -> Path:
 
 def plot_training(metrics: list[dict], path: Path) -> Path:
     """Training bound and held-out ELBO per epoch."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = _pyplot().subplots(figsize=(5.5, 3.8))
     epochs = [m["epoch"] for m in metrics]
     ax.plot(epochs, [m["train_bound"] for m in metrics], label="training objective")
     for key in metrics[0]:
@@ -91,7 +101,7 @@ def plot_rbm(metrics: list[dict], samples: torch.Tensor | None, path: Path) -> P
             if k in metrics[0]]  # fmt: skip
     side = _image_side(samples.shape[1]) if samples is not None else None
     heights = [3.2, 4 * len(keys) / 16 * 2 + 0.5] if side else [3.2]  # tiles as wide as tall
-    fig = plt.figure(figsize=(4 * len(keys), sum(heights)))
+    fig = _pyplot().figure(figsize=(4 * len(keys), sum(heights)))
     grid = fig.add_gridspec(len(heights), len(keys), height_ratios=heights)
     epochs = [m["epoch"] for m in metrics]
     for i, key in enumerate(keys):
@@ -120,12 +130,10 @@ def plot_posterior_pairs(
     ``nuts`` and ``guide`` are (draw, datapoint, latent). Each row shows the
     pairs among the ``dims`` latents with the largest NUTS variance.
     """
-    from itertools import combinations
-
     points = nuts.shape[1]
     top = [np.argsort(-nuts[:, i].var(0))[:dims] for i in range(points)]
     pairs = list(combinations(range(min(dims, nuts.shape[2])), 2)) or [(0, 0)]
-    fig, axes = plt.subplots(
+    fig, axes = _pyplot().subplots(
         points, len(pairs), figsize=(3 * len(pairs), 2.8 * points), squeeze=False
     )
     for i in range(points):
@@ -148,7 +156,7 @@ def plot_posterior_pairs(
 
 def plot_compare(rows: list[dict], khats: dict[str, np.ndarray], path: Path) -> Path:
     """k-hat distributions (left) and IWAE ladders (right) of several runs."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(10, 3.8))
     bins = np.linspace(-0.5, 1.5, 41)
     for name, k in khats.items():
         if len(k):
@@ -176,7 +184,7 @@ def plot_gaps(report: dict, path: Path) -> Path:
     names = [n for n in report["bounds"] if not n.startswith(("mutual", "reverse"))]
     means = [report["bounds"][n]["mean"] for n in names]
     errs = [report["bounds"][n]["stderr"] for n in names]
-    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(names) + 1.5))
+    fig, ax = _pyplot().subplots(figsize=(6.5, 0.45 * len(names) + 1.5))
     ax.errorbar(means, range(len(names)), xerr=[3 * e for e in errs], fmt="o", capsize=4)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
@@ -184,3 +192,10 @@ def plot_gaps(report: dict, path: Path) -> Path:
     ax.set_title(f"{report['model']}, {report['layers']} layer(s): bounds on log p(x)")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def iwae_ladder(report: dict) -> tuple[list[int], list[float], list[float]]:
+    """(k, mean, stderr) of the IWAE bounds in an ``eval.json`` report, sorted by k."""
+    items = sorted((int(k), v["mean"], v["stderr"]) for k, v in report["iwae"].items())
+    ks, means, errs = zip(*items, strict=True) if items else ((), (), ())
+    return list(ks), list(means), [e if math.isfinite(e) else 0.0 for e in errs]

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -182,6 +182,20 @@ def read_config(run_dir: Path, cls=None):
     return cls.from_dict(values)
 
 
+def config_differences(saved, config, *, ignore: Sequence[str] = ()) -> str:
+    """The fields in which two configurations differ, as text ("" when none).
+
+    ``data_path`` (where the same data lies) and ``extra`` never count.
+    """
+    changed = {
+        f.name: (getattr(saved, f.name), getattr(config, f.name))
+        for f in dataclasses.fields(config)
+        if f.name not in ignore and f.name not in ("data_path", "extra")
+        and getattr(saved, f.name) != getattr(config, f.name)
+    }  # fmt: skip
+    return ", ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in changed.items())
+
+
 def prepare_run(config, out: Path, resume: bool, *, changeable=("epochs",)):
     """The configuration to train with.
 
@@ -191,14 +205,8 @@ def prepare_run(config, out: Path, resume: bool, *, changeable=("epochs",)):
     out = Path(out)
     if resume:
         saved = read_config(out, type(config))
-        changed = {
-            f.name: (getattr(saved, f.name), getattr(config, f.name))
-            for f in dataclasses.fields(config)
-            if f.name not in changeable and f.name not in ("data_path", "extra")
-            and getattr(saved, f.name) != getattr(config, f.name)
-        }  # fmt: skip
-        if changed:
-            detail = ", ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in changed.items())
+        detail = config_differences(saved, config, ignore=changeable)
+        if detail:
             raise RunError(f"--resume keeps the run's configuration; differs in {detail}")
         for name in changeable:
             setattr(saved, name, getattr(config, name))
@@ -223,6 +231,14 @@ def restore_rng(state: dict, shuffle: torch.Generator) -> None:
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
     shuffle.set_state(state["shuffle"])
+
+
+def read_report(run_dir: Path, name: str) -> dict:
+    """A JSON report (``eval.json``, ``gaps.json``, ...) that a command wrote into a run."""
+    path = Path(run_dir) / name
+    if not path.exists():
+        raise RunError(f"{run_dir} has no {name}")
+    return json.loads(path.read_text())
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -11,33 +11,19 @@ reproduces an uninterrupted run with the same seed exactly.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pyro
 import torch
-from tqdm.auto import tqdm
 
-from .bounds import elbo_bound, log_importance_weights
+from .bounds import elbo_bound
 from .objectives import make_objective
-from .runs import (
-    CONFIG,
-    TrainConfig,
-    build,
-    load_checkpoint,
-    prepare_run,
-    read_metrics,
-    restore_rng,
-    rng_state,
-    save_checkpoint,
-    write_json,
-    write_metrics,
-)
+from .runs import TrainConfig, build, prepare_run, restore_rng, rng_state
+from .tracing import log_importance_weights
+from .training import Trainer, TrainingDiverged, check_finite, fit
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+__all__ = ["TrainingDiverged", "heldout_elbo", "make_optimizer", "train"]
 
 
 @torch.no_grad()
@@ -105,83 +91,53 @@ def train(
     optimizer = make_optimizer(model, lr=config.lr)
     objective = make_objective(config.objective, num_particles=config.num_particles)
     shuffle = torch.Generator().manual_seed(config.seed)
-    start_epoch = 0
-    metrics: list[dict] = []
+    steps_per_epoch = math.ceil(num_data / config.batch_size)
 
-    if resume:
-        state = load_checkpoint(out)
+    def start(state: dict | None) -> None:
+        if state is None:
+            if hasattr(model, "init_from_data"):
+                model.init_from_data(x_train)
+            return
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"], shuffle)
-        start_epoch = state["epoch"]
-        # Lines written after the checkpoint (an interrupted epoch) are dropped.
-        metrics = [row for row in read_metrics(out) if row["epoch"] <= start_epoch]
-    else:
-        if hasattr(model, "init_from_data"):
-            model.init_from_data(x_train)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / CONFIG, config.to_dict())
 
-    steps_per_epoch = math.ceil(num_data / config.batch_size)
-    bar = tqdm(
-        total=(config.epochs - start_epoch) * steps_per_epoch,
-        disable=not progress,
-        desc=f"{config.model}/{config.objective}",
-        unit="step",
-    )
-    elapsed = metrics[-1]["elapsed"] if metrics else 0.0
+    def epoch(index: int, bar) -> dict:
+        order = torch.randperm(num_data, generator=shuffle).to(device)
+        total = 0.0
+        for step, begin in enumerate(range(0, num_data, config.batch_size)):
+            xb = x_train[order[begin : begin + config.batch_size]]
+            loss = objective.differentiable_loss(model.model, model.guide, xb, num_data=num_data)
+            value = float(loss.detach())
+            check_finite(value, out, index, f"the {config.objective} loss is {value}", step=step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += value
+            if on_step is not None:
+                on_step(index, step, loss)
+            bar.update(1)
+        model.eval()
+        heldout = heldout_elbo(model, x_heldout)
+        model.train()
+        bound = -total / steps_per_epoch / num_data
+        bar.set_postfix(bound=f"{bound:.2f}", heldout=f"{heldout:.2f}")
+        return {
+            "objective": config.objective,
+            "num_particles": config.num_particles,
+            "train_bound": bound,
+            f"{dataset.heldout_split}_elbo": heldout,
+        }
+
+    def state() -> dict:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": rng_state(shuffle, device),
+        }
+
+    trainer = Trainer(start, epoch, state, steps_per_epoch, f"{config.model}/{config.objective}")
     model.train()
-    with pyro.validation_enabled(False), bar:
-        for epoch in range(start_epoch, config.epochs):
-            tic = time.perf_counter()
-            order = torch.randperm(num_data, generator=shuffle).to(device)
-            total = 0.0
-            for step, begin in enumerate(range(0, num_data, config.batch_size)):
-                xb = x_train[order[begin : begin + config.batch_size]]
-                loss = objective.differentiable_loss(
-                    model.model, model.guide, xb, num_data=num_data
-                )
-                if not torch.isfinite(loss):
-                    kept = (
-                        f"the last good checkpoint (epoch {epoch}) is kept in {out}"
-                        if epoch
-                        else "no epoch had completed, so no checkpoint was written"
-                    )
-                    raise TrainingDiverged(
-                        f"training diverged at epoch {epoch + 1}, step {step + 1}: the "
-                        f"{config.objective} loss is {float(loss.detach())}; {kept}; "
-                        "try a smaller --lr"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach())
-                if on_step is not None:
-                    on_step(epoch, step, loss)
-                bar.update(1)
-            model.eval()
-            heldout = heldout_elbo(model, x_heldout)
-            model.train()
-            seconds = time.perf_counter() - tic
-            elapsed += seconds
-            row = {
-                "epoch": epoch + 1,
-                "objective": config.objective,
-                "num_particles": config.num_particles,
-                "train_bound": -total / steps_per_epoch / num_data,
-                f"{dataset.heldout_split}_elbo": heldout,
-                "seconds": seconds,
-                "elapsed": elapsed,
-            }
-            metrics.append(row)
-            bar.set_postfix(bound=f"{row['train_bound']:.2f}", heldout=f"{heldout:.2f}")
-            state = {
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "rng": rng_state(shuffle, device),
-            }
-            # Metrics first: a line beyond the checkpoint's epoch is dropped on resume.
-            write_metrics(out, metrics)
-            save_checkpoint(out, state)
+    with pyro.validation_enabled(False):
+        fit(trainer, config, out, resume=resume, progress=progress)
     return model.eval()

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from inference.cli import main
+from inference.commands.cli import main
 from inference.runs import read_metrics
 
 TINY = ["--hidden", "16", "--z-dim", "2", "--epochs", "2", "--batch-size", "256",
@@ -14,7 +14,7 @@ TINY = ["--hidden", "16", "--z-dim", "2", "--epochs", "2", "--batch-size", "256"
 
 
 def elbolab(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "inference.cli", *args],
+    return subprocess.run([sys.executable, "-m", "inference.commands.cli", *args],
                           capture_output=True, text=True, env=env)  # fmt: skip
 
 

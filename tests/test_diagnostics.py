@@ -10,7 +10,7 @@ import torch
 from pyro.infer import MCMC, NUTS
 
 from inference import diagnostics
-from inference.evaluate import format_report
+from inference.commands.evaluate import format_report
 from inference.reference import run_nuts
 
 

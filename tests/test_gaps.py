@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from inference.bounds import iwae_bound
-from inference.gaps import hierarchical_log_densities
+from inference.hierarchical import hierarchical_log_densities
 
 D_X, D_H, D_Z = 4, 3, 2
 
@@ -162,7 +162,7 @@ def test_reverse_model_equal_to_q_h_gives_l_aux_equal_l_h(float64):
 
 
 def test_aggregate_posterior_terms():
-    from inference.gaps import aggregate_posterior_terms
+    from inference.surgery import aggregate_posterior_terms
 
     prior = dist.Normal(torch.zeros(2), 1.0).to_event(1)
     x = torch.randn(400, 2, generator=torch.Generator().manual_seed(0))
@@ -186,10 +186,11 @@ def test_aggregate_posterior_terms():
 
 def trained_split(tmp_path, *, steps, **options):
     """Train a small model for 3 epochs, then split its gap on 20 test images."""
-    from inference.bounds import iwae_bound, log_importance_weights
-    from inference.gaps import amortization_split
+    from inference.amortization import amortization_split
+    from inference.bounds import iwae_bound
     from inference.runs import TrainConfig, load_run
     from inference.svi import train
+    from inference.tracing import log_importance_weights
 
     config = TrainConfig(epochs=3, hidden=[32], z_dim=3, num_particles=2, batch_size=256,
                          **options)  # fmt: skip
@@ -277,7 +278,7 @@ def test_discrete_case_exact_sums(float64):
 
 
 def test_amortization_split_for_a_two_layer_encoder(tmp_path):
-    from inference.gaps import amortization_split
+    from inference.amortization import amortization_split
 
     split, x, log_px = trained_split(tmp_path, steps=150, model="hvae", layers=2)
     assert split["amortization_gap"].mean() > 0  # local first-layer parameters help
@@ -292,7 +293,7 @@ def test_amortization_split_for_a_two_layer_encoder(tmp_path):
 def test_hierarchical_surgery_matches_the_exact_density_version(float64):
     """With r(h|z,x) = q(h|z,x) the plug-in density is exact: same draws, same terms."""
     from inference.bounds import logsumexp
-    from inference.gaps import hierarchical_surgery
+    from inference.surgery import hierarchical_surgery
 
     p, model, guide = make_problem(3, reverse="exact")
     x = data(150, 4)

@@ -5,8 +5,9 @@ import pytest
 import torch
 from pyro import poutine
 
-from inference.bounds import elbo_bound, iwae_bound, log_importance_weights
+from inference.bounds import elbo_bound, iwae_bound
 from inference.objectives import make_objective
+from inference.tracing import log_importance_weights
 from ppl_models import HierarchicalVAE
 
 

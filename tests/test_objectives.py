@@ -5,8 +5,9 @@ import pytest
 import torch
 from pyro.infer import RenyiELBO, Trace_ELBO
 
-from inference.bounds import iwae_bound, log_importance_weights
+from inference.bounds import iwae_bound
 from inference.objectives import make_objective
+from inference.tracing import log_importance_weights
 from ppl_models import VAE, LinearGaussian
 
 

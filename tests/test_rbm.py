@@ -9,8 +9,9 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from inference.bounds import elbo_bound, log_importance_weights
+from inference.bounds import elbo_bound
 from inference.partition import ais_log_partition, exact_log_partition
+from inference.tracing import log_importance_weights
 from ppl_models.rbm import RBM
 
 
@@ -86,10 +87,17 @@ def test_ais_on_20_hidden_units_is_within_its_error_of_exact_and_reverse_bracket
 
 
 def test_beta_schedules():
-    from inference.cli import AIS_SCHEDULES
+    from inference.commands.cli import main
     from inference.partition import BETA_SCHEDULES, beta_schedule
 
-    assert sorted(AIS_SCHEDULES) == sorted(BETA_SCHEDULES)
+    for kind in ("sm08", "linear"):  # every schedule is offered by the command
+        with pytest.raises(SystemExit) as stop:
+            main(["rbm", "evaluate", "--schedule", kind, "--help"])
+        assert stop.value.code == 0
+    with pytest.raises(SystemExit) as stop:
+        main(["rbm", "evaluate", "RUN", "--schedule", "unknown"])
+    assert stop.value.code == 2
+    assert set(BETA_SCHEDULES) == {"sm08", "linear"}
 
     for kind in ("linear", "sm08"):
         betas = beta_schedule(14_500, kind)
@@ -175,6 +183,7 @@ def test_training_update_is_the_contrastive_gradient_with_momentum_and_decay(met
 
 def test_rbm_training_improves_exact_likelihood_and_resumes_exactly(tmp_path, monkeypatch):
     import inference.contrastive as contrastive
+    import inference.training as training
     from inference.runs import read_metrics
 
     config = contrastive.RBMConfig(hidden=10, epochs=6, seed=3)  # linear lr decay over 6 epochs
@@ -182,14 +191,14 @@ def test_rbm_training_improves_exact_likelihood_and_resumes_exactly(tmp_path, mo
     rows = read_metrics(tmp_path / "full")
     assert rows[-1]["exact_log_likelihood"] > rows[0]["exact_log_likelihood"]
 
-    save = contrastive.save_checkpoint
+    save = training.save_checkpoint
 
     def interrupted_after_epoch_3(out, state):
         save(out, state)
         if state["epoch"] == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(contrastive, "save_checkpoint", interrupted_after_epoch_3)
+    monkeypatch.setattr(training, "save_checkpoint", interrupted_after_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         contrastive.train_rbm(config, tmp_path / "split", progress=False)
     monkeypatch.undo()
@@ -203,7 +212,7 @@ def test_rbm_training_improves_exact_likelihood_and_resumes_exactly(tmp_path, mo
 
 
 def test_rbm_cli(tmp_path, capsys):
-    from inference.cli import main
+    from inference.commands.cli import main
 
     run = str(tmp_path / "rbm")
     assert main(["rbm", "train", "--hidden", "8", "--epochs", "3", "--out", run,
@@ -231,7 +240,7 @@ def test_rbm_cli(tmp_path, capsys):
 def test_rbm_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
     import numpy as np
 
-    from inference.cli import main
+    from inference.commands.cli import main
 
     bad = tmp_path / "nonbinary.npz"
     np.savez(bad, **{s: np.full((4, 784), 2, dtype=np.uint8) for s in ("train", "valid", "test")})

@@ -7,7 +7,8 @@ import torch
 
 from inference import objectives
 from inference.runs import RunError, TrainConfig, load_checkpoint, read_metrics
-from inference.svi import TrainingDiverged, train
+from inference.svi import train
+from inference.training import TrainingDiverged
 
 
 def tiny_config(**overrides):

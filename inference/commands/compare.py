@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pyro
 
+from ..plots import plot_compare
+from ..runs import RunError, load_run, read_report, write_json
+from ..surgery import active_units, posterior_means
 from .evaluate import EVAL, EVAL_DATAPOINTS
-from .gaps import active_units, posterior_means
-from .reference import read_report
-from .runs import RunError, load_run, write_json
+from .flags import add_flags
+from .report import table
 
 COMPARE = "compare.json"
 
@@ -24,8 +27,6 @@ def compare_runs(
     Each run's ``eval.json`` (from ``elbolab evaluate``) and per-datapoint
     k-hat are read; active units are counted on the evaluated split.
     """
-    from .plots import plot_compare
-
     if len(runs) < 1:
         raise RunError("compare needs at least one run directory")
     rows, khats = [], {}
@@ -65,22 +66,38 @@ def compare_runs(
 
 def format_compare(result: dict) -> str:
     """The side-by-side table printed by ``elbolab compare``."""
-    header = (
-        f"{'run':<18}{'objective':>10}{'K':>4}{'ELBO':>10}{'log p(x)':>10}{'+-':>6}"
-        f"{'gap':>7}{'k-hat med':>10}{'k>=0.7':>8}{'active':>8}"
-    )
-    lines = [header]
+    columns = [
+        ("run", "<18"), ("objective", ">10"), ("K", ">4"), ("ELBO", ">10.2f"),
+        ("log p(x)", ">10.2f"), ("+-", ">6.2f"), ("gap", ">7.2f"), ("k-hat med", ">10"),
+        ("k>=0.7", ">8"), ("active", ">8"),
+    ]  # fmt: skip
+    rows = []
     for r in result["runs"]:
         k = r["khat"] or {}
         bad = f"{100 * k['bad'] / k['num_datapoints']:.0f}%" if k else "-"
         med = f"{k['median']:.2f}" if k else "-"
         units = f"{r['active_units']}/{r['latent_units']}" if r["latent_units"] else "-"
-        lines.append(
-            f"{r['name'][:17]:<18}{r['objective']:>10}{r['num_particles']:>4}"
-            f"{r['elbo']['mean']:>10.2f}{r['log_px']['mean']:>10.2f}{r['log_px']['stderr']:>6.2f}"
-            f"{r['gap']:>7.2f}{med:>10}{bad:>8}{units:>8}"
-        )
+        rows.append(
+            (r["name"][:17], r["objective"], r["num_particles"], r["elbo"]["mean"],
+             r["log_px"]["mean"], r["log_px"]["stderr"], r["gap"], med, bad, units)
+        )  # fmt: skip
+    lines = table(columns, rows)
     splits = {(r["split"], r["log_px"]["k"]) for r in result["runs"]}
     if len(splits) > 1:
         lines.append("note: the runs were evaluated on different splits or K: " + str(splits))
     return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compare", help="bounds, k-hat and active units of several runs")
+    p.add_argument("runs", nargs="+", help="run directories, each evaluated already")
+    p.add_argument("--out", default="runs/compare", help="folder for compare.json/png")
+    add_flags(p, "seed")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = compare_runs(args.runs, out=args.out, seed=args.seed)
+    print(format_compare(result))
+    print(f"written {args.out}/compare.json, compare.png")
+    return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import argparse
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,9 +11,11 @@ import numpy as np
 import pyro
 import torch
 
-from . import diagnostics
-from .bounds import evaluate_bounds
-from .runs import RunError, atomic_write, check_device, load_run, write_json
+from .. import diagnostics
+from ..evaluation import evaluate_bounds
+from ..runs import RunError, atomic_write, check_device, load_run, write_json
+from .flags import add_flags, int_list
+from .report import bound_table
 
 EVAL = "eval.json"
 EVAL_DATAPOINTS = "eval_datapoints.npz"
@@ -82,9 +84,9 @@ def evaluate_run(
         "data": config.data,
         "binarization": dataset.binarization,
         "seconds": seconds,
-        "elbo": _summary(result["elbo"]),
-        "iwae": {str(k): _summary(b) for k, b in result["iwae"].items()},
-        "log_px": {**_summary(log_px), "k": k_max, "estimator": f"IWAE-{k_max}"},
+        "elbo": result["elbo"].summary(),
+        "iwae": {str(k): b.summary() for k, b in result["iwae"].items()},
+        "log_px": {**log_px.summary(), "k": k_max, "estimator": f"IWAE-{k_max}"},
         "decomposition": {name: float(v.mean()) for name, v in result["decomposition"].items()},
         "kl_analytic": result["kl_analytic"],
         "khat": diagnostics.khat_summary(result["statistics"]["khat"].numpy()),
@@ -114,25 +116,15 @@ def _savez(path: Path, arrays: dict) -> None:
         np.savez_compressed(f, **arrays)
 
 
-def _summary(bound) -> dict:
-    mean, stderr = bound.mean()
-    return {"mean": mean, "stderr": stderr}
-
-
 def format_report(report: dict) -> str:
     """The bound table of an ``eval.json`` report, as printed by ``elbolab evaluate``."""
     lines = [
         f"{report['run']}: {report['split']} split, {report['num_datapoints']} datapoints, "
         f"{report['data']} ({report['binarization']}), seed {report['seed']}",
-        f"{'bound':<14}{'nats':>12}{'stderr':>10}",
     ]
-
-    def row(name, summary):
-        lines.append(f"{name:<14}{summary['mean']:>12.3f}{summary['stderr']:>10.3f}")
-
-    row("ELBO", report["elbo"])
-    for k, summary in report["iwae"].items():
-        row(f"IWAE-{k}", summary)
+    lines += bound_table(
+        {"ELBO": report["elbo"], **{f"IWAE-{k}": v for k, v in report["iwae"].items()}}
+    )
     dec = report["decomposition"]
     kind = "analytic" if report["kl_analytic"] else "Monte Carlo"
     lines.append(
@@ -166,8 +158,24 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def iwae_ladder(report: dict) -> tuple[list[int], list[float], list[float]]:
-    """(k, mean, stderr) of the IWAE bounds in a report, sorted by k."""
-    items = sorted((int(k), v["mean"], v["stderr"]) for k, v in report["iwae"].items())
-    ks, means, errs = zip(*items, strict=True) if items else ((), (), ())
-    return list(ks), list(means), [e if math.isfinite(e) else 0.0 for e in errs]
+def add_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="ELBO, IWAE-k and log p(x) of a trained run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--k", type=int_list, default=[1, 10, 100, 1000], help="e.g. 1,10,100,1000")
+    add_flags(p, "split", "batch_size", "limit", "seed", "device", "no_progress")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = evaluate_run(
+        args.run,
+        ks=args.k,
+        split=args.split,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print(format_report(report))
+    return 0

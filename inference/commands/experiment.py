@@ -8,6 +8,7 @@ and standard errors across seeds. Whatever the numbers say is the answer.
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from collections.abc import Sequence
@@ -15,9 +16,22 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bounds import summary
+from ..objectives import OBJECTIVES
+from ..runs import (
+    CONFIG,
+    RunError,
+    TrainConfig,
+    config_differences,
+    load_checkpoint,
+    read_config,
+    write_json,
+)
+from ..svi import train
+from .flags import add_flags, int_list, seed_list
 from .gaps import gaps_run
-from .runs import TrainConfig, write_json
-from .svi import train
+
+ACROSS_SEEDS = "across seeds (std / sqrt(seeds))"
 
 VARIANTS = {
     "L=1": dict(layers=1),
@@ -39,6 +53,38 @@ COLUMNS = {
 def _marg(report: dict) -> float:
     s = max(report["inner_samples"])
     return report["bounds"][f"l_marg[{s}]"]["mean"]
+
+
+def _across_seeds(values: list[float]) -> dict:
+    n = len(values)
+    stderr = float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return summary(float(np.mean(values)), stderr, ACROSS_SEEDS)
+
+
+def ensure_trained(config: TrainConfig, run: Path, *, progress: bool) -> None:
+    """Train ``config`` into ``run``, or reuse the run there if it is this configuration.
+
+    A run of the same configuration with fewer epochs is continued (``--resume``);
+    one of another configuration, or with more epochs, is an error: an
+    experiment never mixes runs of different settings.
+    """
+    if not (run / CONFIG).exists():
+        train(config, run, progress=progress)
+        return
+    detail = config_differences(read_config(run), config, ignore=("epochs", "device"))
+    if detail:
+        raise RunError(
+            f"{run} holds a run of another configuration ({detail}); choose another --out "
+            "for this experiment"
+        )
+    done = load_checkpoint(run)["epoch"]
+    if done > config.epochs:
+        raise RunError(
+            f"{run} was trained for {done} epochs, the experiment asks for {config.epochs}; "
+            "choose another --out or --epochs"
+        )
+    if done < config.epochs:
+        train(config, run, resume=True, progress=progress)
 
 
 def stochastic_layers(
@@ -70,23 +116,14 @@ def stochastic_layers(
                 num_particles=num_particles, epochs=epochs, seed=seed, hidden=hidden,
                 z_dim=z_dim, **options,
             )  # fmt: skip
-            if not (run / "checkpoint.pt").exists():
-                train(config, run, progress=progress)
+            ensure_trained(config, run, progress=progress)
             report = gaps_run(
                 run, limit=limit, num_particles=eval_particles, inner_samples=inner_samples,
                 seed=seed, progress=False,
             )  # fmt: skip
             rows[name].append({column: fn(report) for column, fn in COLUMNS.items()})
     table = {
-        name: {
-            column: {
-                "mean": float(np.mean([r[column] for r in runs])),
-                "stderr": float(np.std([r[column] for r in runs], ddof=1) / math.sqrt(len(runs)))
-                if len(runs) > 1
-                else math.nan,
-            }
-            for column in COLUMNS
-        }
+        name: {column: _across_seeds([r[column] for r in runs]) for column in COLUMNS}
         for name, runs in rows.items()
     }
     result = {
@@ -112,7 +149,7 @@ def format_experiment(result: dict) -> str:
         f"{result['data']}, {result['objective']} K={result['num_particles']}, "
         f"{result['epochs']} epochs, seeds {result['seeds']}; bounds by gaps with "
         f"K={result['eval_particles']}, S={max(result['inner_samples'])} "
-        f"({result['seconds'] / 60:.1f} min)",
+        f"({result['seconds'] / 60:.1f} min); mean +- standard error across seeds",
         header,
     ]
     for name, row in result["table"].items():
@@ -122,3 +159,33 @@ def format_experiment(result: dict) -> str:
             cells.append(f"{'n/a':>17}" if math.isnan(m) else f"{m:>9.2f} +- {s:<5.2f}")
         lines.append(f"{name:<17}" + "".join(cells))
     return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("experiment", help="experiments; stochastic-layers: L = 1, 2, 3, denoising")
+    p.add_argument("name", choices=("stochastic-layers",), help="which experiment")
+    p.add_argument("--out", default="runs/stochastic-layers", help="folder for the runs")
+    p.add_argument("--data", choices=("digits", "binarized-mnist"), default="digits")
+    add_flags(p, "data_path")
+    p.add_argument("--objective", choices=OBJECTIVES, default="iwae")
+    p.add_argument("--num-particles", type=int, default=5, help="K in training (default 5)")
+    p.add_argument("--epochs", type=int, default=100, help="epochs per run (default 100)")
+    p.add_argument("--seeds", type=seed_list, default=[0, 1, 2], help="default 0,1,2")
+    p.add_argument("--hidden", type=int_list, help="hidden widths")
+    p.add_argument("--z-dim", type=int, help="latent dimension")
+    p.add_argument("--k", type=int, default=1000, help="particles for the bounds")
+    p.add_argument("--inner-samples", type=int_list, default=[1, 10, 100])
+    add_flags(p, "limit", "no_progress")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = stochastic_layers(
+        out=args.out, data=args.data, data_path=args.data_path, objective=args.objective,
+        num_particles=args.num_particles, epochs=args.epochs, seeds=args.seeds,
+        hidden=args.hidden, z_dim=args.z_dim, eval_particles=args.k,
+        inner_samples=args.inner_samples, limit=args.limit, progress=not args.no_progress,
+    )  # fmt: skip
+    print(format_experiment(result))
+    print(f"written {args.out}/experiment.json")
+    return 0

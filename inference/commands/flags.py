@@ -1,0 +1,75 @@
+"""The argparse pieces every command shares: one-line errors, list types, the common flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+class Parser(argparse.ArgumentParser):
+    """Argument errors as one line, like every other user mistake."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def int_list(text: str, *, minimum: int = 1) -> list[int]:
+    """``"1,10,100"`` -> ``[1, 10, 100]``; every value at least ``minimum``."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or min(values) < minimum:
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise argparse.ArgumentTypeError(f"expected {kind} integers, got {text!r}")
+    return values
+
+
+def seed_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``: non-negative integers."""
+    return int_list(text, minimum=0)
+
+
+# name -> (flag, argparse keywords); ``add_flags`` may override the default.
+_COMMON = {
+    "seed": ("--seed", dict(type=int, default=0, help="random seed (default {default})")),
+    "split": ("--split", dict(default="test", help="data split (default {default})")),
+    "limit": ("--limit", dict(type=int, help="only the first N datapoints of the split")),
+    "batch_size": (
+        "--batch-size",
+        dict(type=int, default=100, help="datapoints per pass (default {default})"),
+    ),
+    "data_path": (
+        "--data-path",
+        dict(help="binarized MNIST .npz or .amat folder (or ELBOLAB_DATA)"),
+    ),
+    "device": ("--device", dict(default="cpu", help="torch device (default {default})")),
+    "no_progress": ("--no-progress", dict(action="store_true", help="hide the progress bars")),
+}
+
+
+def add_flags(parser: argparse.ArgumentParser, *names: str, **defaults) -> None:
+    """Add the common flags ``names`` (keys of ``_COMMON``), with ``defaults`` overriding.
+
+    A default of ``None`` leaves the value to the run's configuration; the
+    help text then names ``shown`` (the configuration's default).
+    """
+    for name in names:
+        flag, options = _COMMON[name]
+        options = dict(options)
+        if name in defaults:
+            options["default"] = defaults[name]
+        shown = defaults.get(f"{name}_shown", options.get("default"))
+        options["help"] = options["help"].format(default=shown)
+        parser.add_argument(flag, **options)
+
+
+def config_from(args: argparse.Namespace, config):
+    """``config`` with every field that was given on the command line replaced."""
+    for field in dataclasses.fields(config):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            setattr(config, field.name, value)
+    return config

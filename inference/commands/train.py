@@ -1,0 +1,56 @@
+"""``elbolab train``: a model trained by SVI into a run directory."""
+
+from __future__ import annotations
+
+import argparse
+
+from ppl_models import MODELS
+
+from ..data import DATASETS
+from ..objectives import OBJECTIVES
+from ..runs import TrainConfig, read_metrics
+from ..svi import train
+from .flags import add_flags, config_from, int_list
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a :class:`~inference.runs.TrainConfig`; unset ones keep its defaults."""
+    p.add_argument("--model", choices=MODELS, help="model (default vae)")
+    p.add_argument("--data", choices=DATASETS, help="data set (default digits)")
+    add_flags(p, "data_path")
+    p.add_argument("--objective", choices=OBJECTIVES, help="training objective (default iwae)")
+    p.add_argument("--num-particles", type=int, help="K, particles per datapoint (default 5)")
+    p.add_argument("--epochs", type=int, help="epochs (default 20)")
+    p.add_argument("--batch-size", type=int, help="minibatch size (default 128)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--hidden", type=int_list, help="hidden widths, e.g. 200,200")
+    p.add_argument("--z-dim", type=int, help="latent dimension")
+    p.add_argument("--activation", help="hidden nonlinearity (default tanh)")
+    p.add_argument("--guide-type", choices=("exact", "diagonal"), help="linear-gaussian guide")
+    p.add_argument("--layers", type=int, help="hvae: stochastic layers of the encoder (default 2)")
+    p.add_argument(
+        "--corruption", help="hvae: fixed first layer, salt-pepper:P, dropout:P or gaussian:S"
+    )
+    add_flags(p, "seed", "device", seed=None, seed_shown=0, device=None, device_shown="cpu")
+    add_flags(p, "no_progress")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model with SVI into a run directory")
+    add_train_flags(p)
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from(args, TrainConfig())
+    train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    last = read_metrics(args.out)[-1]
+    heldout = next(k for k in last if k.endswith("_elbo"))
+    print(
+        f"trained {last['epoch']} epochs in {last['elapsed']:.1f} s: training bound "
+        f"{last['train_bound']:.3f}, {heldout.replace('_', ' ')} {last[heldout]:.3f} nats; "
+        f"run in {args.out}"
+    )
+    return 0

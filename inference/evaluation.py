@@ -1,0 +1,82 @@
+"""Bounds of one model over a whole data set: batches of datapoints, particles in chunks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .bounds import Bound, elbo_bound, iwae_bound
+from .tracing import elbo_decomposition, log_importance_weights
+
+
+def _prefixed(parts: dict, prefix: str) -> dict:
+    return {k.split("/", 1)[1]: v for k, v in parts.items() if k.startswith(prefix + "/")}
+
+
+def evaluate_bounds(
+    model: Callable,
+    guide: Callable,
+    data: torch.Tensor,
+    *,
+    ks: Sequence[int],
+    batch_size: int = 100,
+    max_rows: int = 2_000,
+    decomposition_particles: int = 100,
+    statistics: Mapping[str, Callable[[torch.Tensor], object]] | None = None,
+    progress: bool = True,
+) -> dict:
+    """ELBO, IWAE-k for every k in ``ks`` and the ELBO decomposition over a data set.
+
+    For each batch of datapoints, max(ks) particles are drawn (in chunks of
+    about ``max_rows / batch_size`` so that memory stays bounded), the IWAE-k
+    estimates use disjoint groups of k of them, and the ELBO uses all of them.
+
+    ``statistics`` maps names to functions of a batch's (K, B) log weights
+    that return one value per datapoint (for example the PSIS k-hat).
+
+    Returns
+    -------
+    dict
+        ``"elbo"`` and ``"iwae"`` (a dict k -> :class:`Bound`) with per-datapoint
+        values, ``"decomposition"`` and ``"statistics"`` (per-datapoint tensors).
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    k_max = ks[-1]
+    chunk = max(1, max_rows // batch_size)
+    parts: dict[str, list[torch.Tensor]] = {}
+
+    def add(name: str, tensor: torch.Tensor) -> None:
+        parts.setdefault(name, []).append(tensor)
+
+    batches = range(0, data.shape[0], batch_size)
+    for start in tqdm(batches, desc=f"IWAE-{k_max}", disable=not progress, leave=False):
+        xb = data[start : start + batch_size]
+        log_w = log_importance_weights(model, guide, xb, num_particles=k_max, chunk_size=chunk)
+        for name, fn in (statistics or {}).items():
+            add(f"statistics/{name}", torch.as_tensor(fn(log_w)).reshape(-1))
+        elbo = elbo_bound(log_w)
+        add("elbo", elbo.value)
+        add("elbo_se", elbo.stderr)
+        for k in ks:
+            bound = iwae_bound(log_w, k=k)
+            add(f"iwae{k}", bound.value)
+            add(f"iwae{k}_se", bound.stderr)
+        parts_dec = elbo_decomposition(
+            model, guide, xb, num_particles=min(decomposition_particles, k_max)
+        )
+        for name, value in parts_dec.items():
+            if name != "kl_analytic":
+                add(f"decomposition/{name}", value)
+        add("kl_analytic", torch.tensor([parts_dec["kl_analytic"]]))
+    cat = {name: torch.cat(values) for name, values in parts.items()}
+    return {
+        "elbo": Bound(cat["elbo"], cat["elbo_se"]),
+        "iwae": {k: Bound(cat[f"iwae{k}"], cat[f"iwae{k}_se"]) for k in ks},
+        "decomposition": _prefixed(cat, "decomposition"),
+        "statistics": _prefixed(cat, "statistics"),
+        "kl_analytic": bool(cat["kl_analytic"].all()),
+    }
