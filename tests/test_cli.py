@@ -180,6 +180,12 @@ def test_gaps_and_experiment(tmp_path, capsys):
         "log p(x) >= L_marg", "L_marg >= L_aux", "L_marg >= L_h"
     ]  # fmt: skip
     assert (run / "gaps.png").exists()
+    # Two kinds of error in one report, each labelled by what it measures.
+    from inference.bounds import ACROSS_DATAPOINTS, MONTE_CARLO
+
+    assert {b["error"] for b in report["bounds"].values()} == {MONTE_CARLO}
+    assert {c["error"] for c in report["cremer"].values()} == {ACROSS_DATAPOINTS}
+    assert "(s.e. across those datapoints)" in out and "MC s.e." in out
 
     out_dir = tmp_path / "exp"
     assert main(["experiment", "stochastic-layers", "--epochs", "1", "--seeds", "0", "--k", "20",
@@ -187,4 +193,74 @@ def test_gaps_and_experiment(tmp_path, capsys):
                  "--out", str(out_dir), "--no-progress"]) == 0  # fmt: skip
     result = json.loads((out_dir / "experiment.json").read_text())
     assert list(result["table"]) == ["L=1", "L=2", "L=3", "denoising (L=2)"]
+    assert result["table"]["L=1"]["log p(x)"]["error"].startswith("across seeds")
     assert "I(z;h|x)" in capsys.readouterr().out
+
+
+def test_diagnose_compares_nuts_with_the_guides_marginal_for_hierarchical_encoders(tmp_path):
+    """With q(z|x) = E_q(h|x) q(z|h), the guide's draws must spread as the mixture does.
+
+    The z layer is made to lean hard on h, so that the marginal's standard deviation
+    (law of total variance over many h ~ q(h|x)) is far above that of q(z | h = mean),
+    which the old comparison used.
+    """
+    import torch
+
+    from inference import diagnostics
+    from inference.runs import load_checkpoint, load_run, save_checkpoint
+
+    run = tmp_path / "hvae"
+    main(["train", "--model", "hvae", "--layers", "2", "--out", str(run), *TINY])
+    state = load_checkpoint(run)
+    params = state["model"]
+    # q(h | x) twice as wide or more (its raw scales raised), and E[z | h] moving 8 times as
+    # far with h (the loc rows of the z layer's output); q(z | h)'s own scale is unchanged.
+    h_dim = params["encoder.0.net.2.bias"].shape[0] // 2
+    params["encoder.0.net.2.bias"][h_dim:] += 2.0
+    params["encoder.1.net.2.weight"][:2] *= 8
+    save_checkpoint(run, state)
+    assert main(["diagnose", str(run), "--indices", "0,1", "--chains", "1", "--samples", "400",
+                 "--warmup", "50", "--num-particles", "100", "--no-progress"]) == 0  # fmt: skip
+    guide_z = diagnostics.load_datatree(run / "diagnose.nc")["guide"]["z"].values[0]
+    guide_sd = torch.as_tensor(guide_z).std(0)  # (point, latent), 400 draws
+
+    _, dataset, model = load_run(run)
+    x = dataset.split("test")[[0, 1]]
+    with torch.no_grad():
+        h = model.encoder_dist(0, x, x).sample((20_000,))
+        q_z_h = model.encoder_dist(1, h, x.expand(20_000, *x.shape)).base_dist
+        marginal_sd = (q_z_h.scale.pow(2).mean(0) + q_z_h.loc.var(0)).sqrt()
+        at_mean_sd = model.posterior(x).base_dist.scale
+    assert (marginal_sd > 1.5 * at_mean_sd).all()  # the two comparisons really differ here
+    # 400 draws: a standard deviation to about 3.5% (1 s.e.); allow 5 s.e.
+    assert torch.allclose(guide_sd.float(), marginal_sd, rtol=0.18)
+    report = json.loads((run / "diagnose.json").read_text())
+    assert report["guide_draws"].startswith("marginal q(z|x)")
+
+
+def test_experiment_reuses_a_run_only_if_its_configuration_matches(tmp_path):
+    from inference.commands.experiment import ensure_trained
+    from inference.runs import RunError, TrainConfig, load_checkpoint
+
+    def config(**changes):
+        options = dict(model="hvae", layers=2, hidden=[8], z_dim=2, epochs=1, batch_size=256,
+                       num_particles=2, seed=0)  # fmt: skip
+        return TrainConfig(**{**options, **changes})
+
+    run = tmp_path / "L2-seed0"
+    ensure_trained(config(), run, progress=False)
+    assert load_checkpoint(run)["epoch"] == 1
+    before = (run / "checkpoint.pt").stat().st_mtime_ns
+    ensure_trained(config(), run, progress=False)  # the same run: reused as it is
+    assert (run / "checkpoint.pt").stat().st_mtime_ns == before
+    assert len(read_metrics(run)) == 1
+
+    with pytest.raises(RunError, match=r"another configuration \(lr: run has 0.001, asked 0.01"):
+        ensure_trained(config(lr=0.01), run, progress=False)
+    with pytest.raises(RunError, match="another configuration .*layers"):
+        ensure_trained(config(layers=3), run, progress=False)
+
+    ensure_trained(config(epochs=2), run, progress=False)  # fewer epochs: continued
+    assert load_checkpoint(run)["epoch"] == 2 and len(read_metrics(run)) == 2
+    with pytest.raises(RunError, match="trained for 2 epochs, the experiment asks for 1"):
+        ensure_trained(config(), run, progress=False)

@@ -25,7 +25,7 @@ from ..plots import plot_posterior_pairs
 from ..reference import ESS_MIN, RHAT_MAX, run_nuts
 from ..runs import RunError, load_run, write_json
 from ..tracing import log_importance_weights
-from .flags import add_flags, int_list
+from .flags import add_flags, nonnegative_list
 from .report import table
 
 DIAGNOSE = "diagnose.json"
@@ -201,7 +201,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("diagnose", help="NUTS reference posteriors vs the guide, with k-hat")
     p.add_argument("run", help="run directory")
     p.add_argument("--points", type=int, default=5, help="datapoints to diagnose (default 5)")
-    p.add_argument("--indices", type=int_list, help="datapoint indices instead of --points")
+    p.add_argument("--indices", type=nonnegative_list, help="datapoint indices instead of --points")
     add_flags(p, "split")
     p.add_argument("--chains", type=int, default=4, help="NUTS chains (default 4)")
     p.add_argument("--samples", type=int, default=500, help="draws per chain (default 500)")

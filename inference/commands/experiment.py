@@ -28,7 +28,7 @@ from ..runs import (
     write_json,
 )
 from ..svi import train
-from .flags import add_flags, int_list, seed_list
+from .flags import add_flags, int_list, nonnegative_list
 from .gaps import gaps_run
 
 ACROSS_SEEDS = "across seeds (std / sqrt(seeds))"
@@ -170,7 +170,7 @@ def add_parser(sub) -> None:
     p.add_argument("--objective", choices=OBJECTIVES, default="iwae")
     p.add_argument("--num-particles", type=int, default=5, help="K in training (default 5)")
     p.add_argument("--epochs", type=int, default=100, help="epochs per run (default 100)")
-    p.add_argument("--seeds", type=seed_list, default=[0, 1, 2], help="default 0,1,2")
+    p.add_argument("--seeds", type=nonnegative_list, default=[0, 1, 2], help="default 0,1,2")
     p.add_argument("--hidden", type=int_list, help="hidden widths")
     p.add_argument("--z-dim", type=int, help="latent dimension")
     p.add_argument("--k", type=int, default=1000, help="particles for the bounds")

@@ -27,8 +27,8 @@ def int_list(text: str, *, minimum: int = 1) -> list[int]:
     return values
 
 
-def seed_list(text: str) -> list[int]:
-    """``"0,1,2"`` -> ``[0, 1, 2]``: non-negative integers."""
+def nonnegative_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``: non-negative integers (seeds, datapoint indices)."""
     return int_list(text, minimum=0)
 
 
