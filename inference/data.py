@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ppl_models import LinearGaussian
+
 DATASETS = ("digits", "binarized-mnist", "synthetic")
 DATA_ENV = "ELBOLAB_DATA"
 MNIST_WIDTH = 784
@@ -120,7 +122,7 @@ def _to_dataset(name, arrays, *, likelihood, binarization, width=None, truth=Non
 
 def load_digits(*, test_fraction: float = 0.2) -> Dataset:
     """scikit-learn's 8x8 digits (1797 x 64), pixels > 7 of 16 set to 1; fixed seeded split."""
-    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.datasets import load_digits as sk_digits  # on first use: 1.5 s of imports
 
     pixels = sk_digits().data
     x = (pixels > 7).astype(np.float32)
@@ -204,8 +206,6 @@ def load_synthetic(
     *, x_dim: int = 16, z_dim: int = 4, num_train: int = 2000, num_test: int = 500
 ) -> Dataset:
     """Draws from a fixed LinearGaussian (seeded), whose exact log p(x) is ``truth``'s."""
-    from ppl_models import LinearGaussian
-
     gen = torch.Generator().manual_seed(SPLIT_SEED)
     truth = LinearGaussian(x_dim, z_dim)
     truth.set_params(

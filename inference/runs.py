@@ -20,6 +20,8 @@ from typing import ClassVar
 import torch
 
 from ppl_models import MODELS, build_model
+from ppl_models.hierarchical import parse_corruption
+from ppl_models.nets import ACTIVATIONS
 
 from .data import DATASETS, Dataset, load_dataset
 from .objectives import OBJECTIVES
@@ -92,8 +94,6 @@ class TrainConfig(RunConfig):
         self.check_positive("num_particles", "epochs", "batch_size", "lr")
         if self.hidden is not None and (not self.hidden or min(self.hidden) < 1):
             raise RunError(f"--hidden needs positive layer sizes, got {self.hidden}")
-        from ppl_models.nets import ACTIVATIONS
-
         check_device(self.device)
         if self.activation not in ACTIVATIONS:
             raise RunError(
@@ -102,8 +102,6 @@ class TrainConfig(RunConfig):
         if self.layers is not None:
             self.check_positive("layers")
         if self.corruption is not None:
-            from ppl_models.hierarchical import parse_corruption
-
             try:
                 parse_corruption(self.corruption)
             except ValueError as err:
