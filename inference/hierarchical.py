@@ -32,6 +32,7 @@ from .tracing import (
     guess_max_plate_nesting,
     latent_values,
     log_density,
+    subsample_values,
     trace_guide,
     trace_model,
 )
@@ -143,6 +144,7 @@ def _hierarchical_chunk(model, guide, args, kwargs, layout, aux, inner_samples, 
                 name: v[start : start + c].repeat(s, *([1] * (v.dim() - 1)))
                 for name, v in top.items()
             }
+            fixed.update(subsample_values(guide_trace))  # the minibatch the guide drew
             inner = Layout(s * c, nesting, plate)
             log_q_hat.append(
                 plug_in_log_marginal(

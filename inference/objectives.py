@@ -28,6 +28,7 @@ from .tracing import (
     latent_values,
     log_density,
     sample_sites,
+    subsample_values,
     trace_guide,
     weighted_sample,
 )
@@ -162,12 +163,15 @@ class DReG(IWAE):
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         layout = self._layout(model, guide, args, kwargs)
-        values = latent_values(trace_guide(guide, args, kwargs, layout))
+        first = trace_guide(guide, args, kwargs, layout)
+        values, subsamples = latent_values(first), subsample_values(first)
         factors: dict[str, dict] = {name: {} for name in values}
         scaled = {name: _ScaleGrad.apply(v, factors[name]) for name, v in values.items()}
-        sample = weighted_sample(model, guide, args, kwargs, layout, values=scaled)
+        sample = weighted_sample(
+            model, guide, args, kwargs, layout, values={**subsamples, **scaled}
+        )
         self._check_reparam(sample.guide_trace)
-        detached = {name: v.detach() for name, v in values.items()}
+        detached = {**subsamples, **{name: v.detach() for name, v in values.items()}}
         log_q_fixed = log_density(trace_guide(guide, args, kwargs, layout, values=detached), layout)
         log_w = sample.log_w
         wbar = torch.softmax(log_w.detach(), 0)

@@ -24,9 +24,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.kl import kl_divergence
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 PARTICLE_PLATE = "_elbolab_particles"
@@ -51,10 +53,8 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args, kwargs) -> i
     """
     with poutine.block(), torch.random.fork_rng(devices=[]):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        values = latent_values(guide_trace)
-        model_trace = poutine.trace(poutine.condition(model, data=values)).get_trace(
-            *args, **kwargs
-        )
+        replayed = _replayed(model, replay_values(guide_trace))
+        model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
     dims = [
         -frame.dim
         for trace in (guide_trace, model_trace)
@@ -66,8 +66,82 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args, kwargs) -> i
 
 
 def latent_values(guide_trace) -> dict[str, torch.Tensor]:
-    """Values of the guide's sample sites: every one is a latent of the model."""
+    """Values of the guide's scored sample sites: every one is a latent of the model."""
     return {s["name"]: s["value"] for s in sample_sites(guide_trace)}
+
+
+def subsample_values(trace) -> dict[str, torch.Tensor]:
+    """The subsample indices each subsampled plate drew, by plate name."""
+    return {
+        name: site["value"]
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and site_is_subsample(site)
+    }
+
+
+def replay_values(guide_trace) -> dict[str, torch.Tensor]:
+    """Everything the model must share with the guide: latent values and subsample indices."""
+    return {**subsample_values(guide_trace), **latent_values(guide_trace)}
+
+
+class _Replay(Messenger):
+    """Set the sample sites named in ``values`` to them (latent sites stay latent).
+
+    Pyro's ``poutine.replay`` does the same from a trace but also replaces
+    each site's ``infer`` dict with the recorded one; here a site keeps its
+    own (an autoguide's ``is_auxiliary`` flag, for instance).
+    """
+
+    def __init__(self, values: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if not msg["is_observed"] and msg["name"] in self.values:
+            msg["value"] = self.values[msg["name"]]
+            msg["done"] = True
+
+
+def _replayed(fn: Callable, values: dict[str, torch.Tensor]) -> Callable:
+    """``fn`` with the sample sites named in ``values`` set to them, as Pyro's ELBOs replay.
+
+    Replay (not ``poutine.condition``): the sites stay latent, and plate
+    subsample sites are replayed too, so that a model that subsamples with
+    ``pyro.plate(..., subsample_size=B)`` scores the same minibatch as the guide.
+    """
+
+    def replayed(*args, **kwargs):
+        with _Replay(values):
+            return fn(*args, **kwargs)
+
+    return replayed
+
+
+def _point_mass(fn) -> bool:
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return isinstance(fn, dist.Delta)
+
+
+def check_guide_density(guide_trace) -> None:
+    """Refuse a guide whose draws have no density, so that no bound is claimed from it.
+
+    A ``Delta`` site (Pyro's ``AutoDelta``, a MAP guide) puts all its mass on
+    one point: log q is not a log density and log p(x, z*) is not a bound on
+    log p(x). Delta sites are fine when they transform an auxiliary draw
+    (``infer={"is_auxiliary": True}``, as Pyro's ``AutoContinuous`` guides
+    do): their ``log_density`` carries the Jacobian.
+    """
+    sites = list(sample_sites(guide_trace))
+    if any(s["infer"].get("is_auxiliary") for s in sites):
+        return
+    for site in sites:
+        if _point_mass(site["fn"]):
+            raise ValueError(
+                f"guide site {site['name']!r} is a point mass (Delta): the guide has no density, "
+                "so log p(x, z) - log q(z | x) is no importance weight and gives no bound on "
+                "log p(x); use a guide that samples from a distribution (e.g. AutoNormal)"
+            )
 
 
 @dataclass
@@ -172,8 +246,8 @@ class WeightedSample:
 
 
 def trace_guide(guide: Callable, args, kwargs, layout: Layout, *, values=None):
-    """Trace the guide under the particle plate; conditioned on ``values`` when given."""
-    guided = guide if values is None else poutine.condition(guide, data=values)
+    """Trace the guide under the particle plate; its sites replayed from ``values`` when given."""
+    guided = guide if values is None else _replayed(guide, values)
     with pyro.plate(PARTICLE_PLATE, layout.num_particles, dim=-layout.rank):
         trace = poutine.trace(guided).get_trace(*args, **kwargs)
     if layout.plate_dim is None:
@@ -182,18 +256,19 @@ def trace_guide(guide: Callable, args, kwargs, layout: Layout, *, values=None):
 
 
 def trace_model(model: Callable, args, kwargs, layout: Layout, *, values, free=()):
-    """Trace the model under the particle plate with its latent sites set to ``values``.
+    """Trace the model under the particle plate with its sites replayed from ``values``.
 
-    Sites named in ``free`` are sampled from the model instead (for example
-    auxiliary sites drawn from a reverse model); any other latent site
-    missing from ``values`` is an error.
+    ``values`` (see :func:`replay_values`) holds the latent values and the
+    plates' subsample indices. Sites named in ``free`` are sampled from the
+    model instead (for example auxiliary sites drawn from a reverse model);
+    any other latent site missing from ``values`` is an error.
     """
     with pyro.plate(PARTICLE_PLATE, layout.num_particles, dim=-layout.rank):
-        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+        trace = poutine.trace(_replayed(model, values)).get_trace(*args, **kwargs)
     if layout.plate_dim is None:
         layout.find_plate(trace)
     for site in sample_sites(trace):
-        if not site["is_observed"] and site["name"] not in free:
+        if not site["is_observed"] and site["name"] not in values and site["name"] not in free:
             raise ValueError(
                 f"model site {site['name']!r} is latent but the guide does not sample it"
             )
@@ -224,11 +299,12 @@ def weighted_sample(
 ) -> WeightedSample:
     """Draw K particles from the guide in one vectorised pass and score them under the model.
 
-    With ``values``, the guide's sites are set to them instead of sampled.
+    With ``values`` (latents and subsample indices), the guide's sites are
+    replayed from them instead of sampled.
     """
     guide_trace = trace_guide(guide, args, kwargs, layout, values=values)
-    values = latent_values(guide_trace)
-    model_trace = trace_model(model, args, kwargs, layout, values=values)
+    check_guide_density(guide_trace)
+    model_trace = trace_model(model, args, kwargs, layout, values=replay_values(guide_trace))
     return WeightedSample(
         log_density(model_trace, layout),
         log_density(guide_trace, layout),
