@@ -256,7 +256,10 @@ def test_two_component_mixture_against_the_exact_sum_over_z(float64):
 
 
 def _regression():
-    """Bayesian linear regression, known noise: w ~ N(0, I), y ~ N(X w, 0.5^2): y ~ N(0, X X^T + s^2 I)."""
+    """Bayesian linear regression, known noise: w ~ N(0, I), y ~ N(X w, s^2 I).
+
+    The evidence is y ~ N(0, X X^T + s^2 I).
+    """
     gen = torch.Generator().manual_seed(3)
     n, p, noise = 12, 3, 0.5
     features = torch.randn(n, p, generator=gen, dtype=torch.float64)
