@@ -18,3 +18,5 @@ Where things are (the command line lives apart, in :mod:`inference.commands`):
 
 The library never parses arguments and never prints (progress bars aside).
 """
+
+__version__ = "0.1.0"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,16 +24,42 @@ from ppl_models import MODELS, build_model
 from ppl_models.hierarchical import parse_corruption
 from ppl_models.nets import ACTIVATIONS
 
+from . import __version__
 from .data import DATASETS, Dataset, load_dataset
 from .objectives import OBJECTIVES
 
 CONFIG = "config.json"
+MARKER = "elbolab"  # config.json's key for the version of elbolab that wrote the run
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 
 class RunError(ValueError):
     """A run directory or configuration that cannot be used; the message says why."""
+
+
+_JSON_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "dict": dict}
+
+
+def _check_type(name: str, value, annotation: str):
+    """``value`` of a config.json entry checked against its field's annotation (a string).
+
+    Returns the value (ints become floats where a float is expected); raises
+    :class:`RunError` naming the key.
+    """
+    options = [part.strip() for part in annotation.split("|")]
+    if value is None and "None" in options:
+        return None
+    for option in options:
+        if option.startswith("list[") and isinstance(value, list):
+            inner = _JSON_TYPES[option[5:-1]]
+            if all(isinstance(v, inner) and not isinstance(v, bool) for v in value):
+                return value
+        elif option in _JSON_TYPES and isinstance(value, _JSON_TYPES[option]):
+            if isinstance(value, bool) and option != "bool":
+                continue  # JSON true is no number
+            return float(value) if option == "float" else value
+    raise RunError(f"{name!r} must be {' or '.join(options)}, got {json.dumps(value)[:40]}")
 
 
 class RunConfig:
@@ -42,14 +69,23 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict):
-        values = {k: v for k, v in values.items() if k != "kind"}
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        """A configuration from config.json's values: keys, types and ranges checked."""
+        if not isinstance(values, dict):
+            raise RunError(f"expected a JSON object, got {type(values).__name__}")
+        values = {k: v for k, v in values.items() if k not in ("kind", MARKER)}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(fields)
         if unknown:
             raise RunError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
-        return cls(**values)
+        checked = {k: _check_type(k, v, str(fields[k].type)) for k, v in values.items()}
+        return cls(**checked).validate()
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, **dataclasses.asdict(self)}
+        return {"kind": self.kind, MARKER: __version__, **dataclasses.asdict(self)}
+
+    def validate(self):
+        """Raise :class:`RunError` naming the first bad value; return ``self``."""
+        return self
 
     def check_positive(self, *names: str) -> None:
         """Raise :class:`RunError` for the first of ``names`` that is not >= 1 (or > 0)."""
@@ -94,7 +130,6 @@ class TrainConfig(RunConfig):
         self.check_positive("num_particles", "epochs", "batch_size", "lr")
         if self.hidden is not None and (not self.hidden or min(self.hidden) < 1):
             raise RunError(f"--hidden needs positive layer sizes, got {self.hidden}")
-        check_device(self.device)
         if self.activation not in ACTIVATIONS:
             raise RunError(
                 f"--activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}"
@@ -156,7 +191,13 @@ def load_checkpoint(run_dir: Path) -> dict:
             f"{run_dir} has no {CHECKPOINT}: train first (elbolab train --out {run_dir})"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: tensors, numbers and plain containers; never code from a shared run.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise RunError(
+            f"refusing to load {path}: it holds pickled objects beyond tensors and plain values "
+            "(elbolab writes none), and loading them could run code"
+        ) from None
     except Exception as err:  # a damaged file can fail in many ways inside torch.load
         raise RunError(f"cannot read {path}: {err}") from err
 
@@ -171,13 +212,16 @@ def read_config(run_dir: Path, cls=None):
         raise RunError(f"{run_dir} is not a run directory: it has no {CONFIG}")
     try:
         values = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as err:
         raise RunError(f"{path} is not valid JSON: {err}") from err
-    kind = values.get("kind", "svi")
-    if kind != cls.kind:
+    kind = values.get("kind", "svi") if isinstance(values, dict) else None
+    if isinstance(values, dict) and kind != cls.kind:
         command = "elbolab rbm evaluate" if kind == "rbm" else "elbolab evaluate"
         raise RunError(f"{run_dir} is a {kind} run; use {command}")
-    return cls.from_dict(values)
+    try:
+        return cls.from_dict(values)
+    except RunError as err:
+        raise RunError(f"{path}: {err}") from None
 
 
 def config_differences(saved, config, *, ignore: Sequence[str] = ()) -> str:

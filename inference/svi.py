@@ -19,7 +19,7 @@ import torch
 
 from .bounds import elbo_bound
 from .objectives import make_objective
-from .runs import TrainConfig, build, prepare_run, restore_rng, rng_state
+from .runs import TrainConfig, build, check_device, prepare_run, restore_rng, rng_state
 from .tracing import log_importance_weights
 from .training import Trainer, TrainingDiverged, check_finite, fit
 
@@ -81,6 +81,7 @@ def train(
     """
     out = Path(out)
     config = prepare_run(config.validate(), out, resume, changeable=("epochs", "device"))
+    check_device(config.device)
     device = torch.device(config.device)
     pyro.set_rng_seed(config.seed)  # before the model's initialisation
     dataset, model = build(config)
