@@ -1,8 +1,8 @@
 """Run directories are data, never code: checkpoints and config.json are checked, not trusted."""
 
 import json
-import re
 import os
+import re
 from pathlib import Path
 
 import pytest
