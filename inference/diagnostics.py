@@ -124,8 +124,8 @@ def _sample_dims(value: np.ndarray, name: str, dims: Mapping[str, list[str]] | N
     if dims and name in dims:
         return list(dims[name])
     rest = value.ndim - 2
-    if rest == 2:
-        return ["datapoint", "latent"]
+    if rest == 2:  # a variable may not share its name with a dimension
+        return [d if d != name else f"{d}_dim" for d in ("datapoint", "latent")]
     return [f"{name}_dim_{i}" for i in range(rest)]
 
 
@@ -180,6 +180,7 @@ def from_guide(
     *args,
     num_samples: int,
     sites: Sequence[str] | None = None,
+    names: Mapping[str, str] | None = None,
     dims=None,
     coords=None,
     **kwargs,
@@ -188,12 +189,13 @@ def from_guide(
 
     Each draw runs the whole guide, so a site's draws follow its marginal
     under the guide (for a hierarchical encoder, q(z | x) with the layers
-    below z sampled). ``sites`` restricts the tree to those sites.
+    below z sampled). ``sites`` restricts the tree to those sites; ``names``
+    renames sites in it (site -> variable).
     """
     with torch.no_grad():
         predictive = Predictive(guide, num_samples=num_samples, parallel=True, return_sites=sites)
         draws = predictive(*args, **kwargs)
-    draws = {name: v.unsqueeze(0) for name, v in draws.items()}
+    draws = {(names or {}).get(name, name): v.unsqueeze(0) for name, v in draws.items()}
     return samples_to_datatree(draws, dims=dims, coords=coords)
 
 

@@ -24,7 +24,7 @@ from ppl_models import MODELS, build_model
 from ppl_models.hierarchical import parse_corruption
 from ppl_models.nets import ACTIVATIONS
 
-from . import __version__
+from . import __version__, user_model
 from .data import DATASETS, Dataset, load_dataset
 from .objectives import OBJECTIVES
 
@@ -119,11 +119,17 @@ class TrainConfig(RunConfig):
     layers: int | None = None
     corruption: str | None = None
     device: str = "cpu"
+    model_sha256: str | None = None  # of a user model's file (see inference.user_model)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
         """Raise :class:`RunError` naming the first bad value."""
-        choices = {"model": MODELS, "data": DATASETS, "objective": OBJECTIVES}
+        choices = {"data": DATASETS, "objective": OBJECTIVES}
+        if self.model not in MODELS and not user_model.is_reference(self.model):
+            raise RunError(
+                f"--model {self.model!r} is not one of {', '.join(MODELS)}, nor a factory "
+                "FILE.py:NAME or MODULE:NAME"
+            )
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise RunError(f"--{key} {getattr(self, key)!r} is not one of {', '.join(allowed)}")
@@ -227,12 +233,13 @@ def read_config(run_dir: Path, cls=None):
 def config_differences(saved, config, *, ignore: Sequence[str] = ()) -> str:
     """The fields in which two configurations differ, as text ("" when none).
 
-    ``data_path`` (where the same data lies) and ``extra`` never count.
+    ``data_path`` (where the same data lies), ``extra`` and a user model's
+    recorded hash (checked on its own) never count.
     """
     changed = {
         f.name: (getattr(saved, f.name), getattr(config, f.name))
         for f in dataclasses.fields(config)
-        if f.name not in ignore and f.name not in ("data_path", "extra")
+        if f.name not in ignore and f.name not in ("data_path", "extra", "model_sha256")
         and getattr(saved, f.name) != getattr(config, f.name)
     }  # fmt: skip
     return ", ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in changed.items())
@@ -299,6 +306,12 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> None:
 def build(config: TrainConfig) -> tuple[Dataset, torch.nn.Module]:
     """The data set and a freshly initialised model for ``config``."""
     dataset = load_dataset(config.data, path=config.data_path)
+    if user_model.is_reference(config.model):
+        model = user_model.build_user_model(
+            config.model, x_dim=dataset.x_dim, likelihood=dataset.likelihood,
+            hidden=config.hidden, z_dim=config.z_dim, activation=config.activation,
+        )  # fmt: skip
+        return dataset, model
     model = build_model(
         config.model,
         x_dim=dataset.x_dim,
@@ -316,6 +329,21 @@ def build(config: TrainConfig) -> tuple[Dataset, torch.nn.Module]:
 def load_run(run_dir: Path, *, device: str = "cpu") -> tuple[TrainConfig, Dataset, torch.nn.Module]:
     """Configuration, data set and trained model of a run directory."""
     config = read_config(run_dir)
+    if user_model.is_reference(config.model):
+        user_model.check_unchanged(config.model, config.model_sha256, run_dir=run_dir)
+    state = load_checkpoint(run_dir)
     dataset, model = build(config)
-    model.load_state_dict(load_checkpoint(run_dir)["model"])
+    load_weights(model, state["model"], run_dir)
     return config, dataset, model.to(device).eval()
+
+
+def load_weights(model: torch.nn.Module, weights: dict, run_dir: Path) -> None:
+    """``model.load_state_dict(weights)``, a mismatch named in one line."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0] if first else type(err).__name__
+        raise RunError(
+            f"{run_dir}: the checkpoint does not match the configured model ({detail})"
+        ) from None

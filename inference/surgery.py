@@ -27,15 +27,19 @@ from pyro.infer import Predictive
 
 from .bounds import logsumexp
 from .hierarchical import plug_in_log_marginal
-from .tracing import Layout, guess_max_plate_nesting, latent_values, trace_guide
+from .tracing import Layout, guess_max_plate_nesting, latent_values, top_latent, trace_guide
 
 ACTIVE_THRESHOLD = 0.01
 
 
 def posterior_means(
-    guide: Callable, x: torch.Tensor, *, site: str = "z", num_samples: int = 64, **kwargs
+    guide: Callable, x: torch.Tensor, *, site: str | None = None, num_samples: int = 64, **kwargs
 ) -> torch.Tensor:
-    """Monte Carlo E_q[z | x] per datapoint, shape (N, latent), for any guide."""
+    """Monte Carlo E_q[z | x] per datapoint, shape (N, latent), for any guide.
+
+    ``site`` defaults to :func:`~inference.tracing.top_latent`'s choice.
+    """
+    site = site or top_latent(guide, x, **kwargs)
     with torch.no_grad():
         draws = Predictive(guide, num_samples=num_samples, parallel=True)(x, **kwargs)
     if site not in draws:

@@ -17,9 +17,18 @@ from pathlib import Path
 import pyro
 import torch
 
+from . import user_model
 from .bounds import elbo_bound
 from .objectives import make_objective
-from .runs import TrainConfig, build, check_device, prepare_run, restore_rng, rng_state
+from .runs import (
+    TrainConfig,
+    build,
+    check_device,
+    load_weights,
+    prepare_run,
+    restore_rng,
+    rng_state,
+)
 from .tracing import log_importance_weights
 from .training import Trainer, TrainingDiverged, check_finite, fit
 
@@ -80,7 +89,15 @@ def train(
         epoch stay in ``out/checkpoint.pt``.
     """
     out = Path(out)
-    config = prepare_run(config.validate(), out, resume, changeable=("epochs", "device"))
+    config.validate()
+    if user_model.is_reference(config.model):
+        config.model = user_model.resolve(config.model)
+    config = prepare_run(config, out, resume, changeable=("epochs", "device"))
+    if user_model.is_reference(config.model):
+        if resume:
+            user_model.check_unchanged(config.model, config.model_sha256, run_dir=out)
+        else:
+            config.model_sha256 = user_model.digest(config.model)
     check_device(config.device)
     device = torch.device(config.device)
     pyro.set_rng_seed(config.seed)  # before the model's initialisation
@@ -93,13 +110,16 @@ def train(
     objective = make_objective(config.objective, num_particles=config.num_particles)
     shuffle = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(num_data / config.batch_size)
+    # Pyro's own examples write model(x) and guide(x): N/B scaling only where they take it.
+    takes_num_data = all(user_model.accepts(f, "num_data") for f in (model.model, model.guide))
+    scale_kwargs = {"num_data": num_data} if takes_num_data else {}
 
     def start(state: dict | None) -> None:
         if state is None:
             if hasattr(model, "init_from_data"):
                 model.init_from_data(x_train)
             return
-        model.load_state_dict(state["model"])
+        load_weights(model, state["model"], out)
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"], shuffle)
 
@@ -108,7 +128,7 @@ def train(
         total = 0.0
         for step, begin in enumerate(range(0, num_data, config.batch_size)):
             xb = x_train[order[begin : begin + config.batch_size]]
-            loss = objective.differentiable_loss(model.model, model.guide, xb, num_data=num_data)
+            loss = objective.differentiable_loss(model.model, model.guide, xb, **scale_kwargs)
             value = float(loss.detach())
             check_finite(value, out, index, f"the {config.objective} loss is {value}", step=step)
             optimizer.zero_grad(set_to_none=True)

@@ -65,6 +65,18 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args, kwargs) -> i
     return max(dims, default=0)
 
 
+def top_latent(guide: Callable, *args, **kwargs) -> str:
+    """The guide's latent site to report on: ``"z"`` by convention, else its only latent site."""
+    with poutine.block(), torch.random.fork_rng(devices=[]), torch.no_grad():
+        names = list(latent_values(poutine.trace(guide).get_trace(*args, **kwargs)))
+    if "z" in names or len(names) == 1:
+        return "z" if "z" in names else names[0]
+    raise ValueError(
+        f"the guide samples {', '.join(names) or 'no site'}: name its top latent site 'z' "
+        "(elbolab's convention) so that it can be compared"
+    )
+
+
 def latent_values(guide_trace) -> dict[str, torch.Tensor]:
     """Values of the guide's scored sample sites: every one is a latent of the model."""
     return {s["name"]: s["value"] for s in sample_sites(guide_trace)}

@@ -35,7 +35,10 @@ def compare_runs(
         config, dataset, model = load_run(run)
         x = dataset.split(report["split"])[: min(report["num_datapoints"], max_points)]
         pyro.set_rng_seed(seed)
-        units = active_units(posterior_means(model.guide, x))
+        try:
+            units = active_units(posterior_means(model.guide, x))
+        except ValueError:  # no single top latent to count
+            units = None
         with np.load(run / EVAL_DATAPOINTS) as per_point:
             khat = per_point["khat"] if "khat" in per_point.files else np.array([])
         khats[run.name] = khat
@@ -76,7 +79,10 @@ def format_compare(result: dict) -> str:
         k = r["khat"] or {}
         bad = f"{100 * k['bad'] / k['num_datapoints']:.0f}%" if k else "-"
         med = f"{k['median']:.2f}" if k else "-"
-        units = f"{r['active_units']}/{r['latent_units']}" if r["latent_units"] else "-"
+        units = "-" if r["active_units"] is None else str(r["active_units"])
+        units += (
+            f"/{r['latent_units']}" if r["latent_units"] and r["active_units"] is not None else ""
+        )
         rows.append(
             (r["name"][:17], r["objective"], r["num_particles"], r["elbo"]["mean"],
              r["log_px"]["mean"], r["log_px"]["stderr"], r["gap"], med, bad, units)

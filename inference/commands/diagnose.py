@@ -24,7 +24,7 @@ from ..bounds import iwae_bound
 from ..plots import plot_posterior_pairs
 from ..reference import ESS_MIN, RHAT_MAX, run_nuts
 from ..runs import RunError, load_run, write_json
-from ..tracing import log_importance_weights
+from ..tracing import log_importance_weights, top_latent
 from .flags import add_flags, nonnegative_list
 from .report import table
 
@@ -66,6 +66,10 @@ def diagnose_run(
     if chosen.min() < 0 or chosen.max() >= data.shape[0]:
         raise RunError(f"--indices must lie in 0..{data.shape[0] - 1}")
     x = data[torch.as_tensor(chosen)]
+    try:
+        site = top_latent(model.guide, x)
+    except ValueError as err:
+        raise RunError(f"diagnose: {err}") from None
     model.requires_grad_(False)  # NUTS needs gradients in z only
     tic = time.perf_counter()
     samples, divergences = run_nuts(
@@ -79,8 +83,10 @@ def diagnose_run(
         jit=jit,
     )
     nuts_seconds = time.perf_counter() - tic
-    z_nuts = samples["z"]  # (chain, draw, point, latent)
+    z_nuts = samples[site]  # (chain, draw, point, latent)
     coords = {"datapoint": chosen, "latent": np.arange(z_nuts.shape[-1])}
+    # The tree names the top latent "z" whatever the site is called (a site named "latent"
+    # would clash with the dimension of that name); the report names the site.
     tree = diagnostics.samples_to_datatree(
         {"z": z_nuts},
         coords=coords,
@@ -90,8 +96,9 @@ def diagnose_run(
 
     pyro.set_rng_seed(seed)
     guide_tree = diagnostics.from_guide(
-        model.guide, x, num_samples=num_chains * num_samples, sites=["z"], coords=coords
-    )
+        model.guide, x, num_samples=num_chains * num_samples, sites=[site], names={site: "z"},
+        coords=coords,
+    )  # fmt: skip
     z_q = torch.as_tensor(guide_tree["posterior"]["z"].values[0])  # (draw, point, latent)
     with torch.no_grad():
         log_w = log_importance_weights(
@@ -132,6 +139,7 @@ def diagnose_run(
         "nuts_seconds": nuts_seconds,
         "jit": jit,
         "guide_draws": GUIDE_DRAWS,
+        "site": site,
         "divergences": int(sum(len(v) for v in divergences.values())),
         "max_rhat": float(rhat.max()),
         "min_ess_bulk": float(ess.min()),

@@ -80,6 +80,10 @@ def gaps_run(
     config, dataset, model = load_run(run_dir)
     x_all = dataset.split(split)[:limit]
     aux = list(getattr(model, "h_names", []))
+    # elbolab's models expose their encoder; a user's own model may not
+    conventions = callable(getattr(model, "posterior", None)) and callable(
+        getattr(model, "prior", None)
+    )
     pyro.set_rng_seed(seed)
     parts, khats, splits = [], [], []
     batches = range(0, x_all.shape[0], batch_size)
@@ -96,7 +100,7 @@ def gaps_run(
                 bounds[f"l_marg[{s}]"] = bounds["l_aux"]
         parts.append(bounds)
         khats.append(torch.as_tensor(result["statistics"]["khat"]).reshape(-1))
-        if not getattr(model, "corruption", None) and start < cremer_points:
+        if conventions and not getattr(model, "corruption", None) and start < cremer_points:
             splits.append(
                 amortization_split(model, x, log_px=bounds["log_px"].value, steps=cremer_steps)
             )
@@ -154,13 +158,20 @@ def gaps_run(
         "l_marg_converged": converged,
         "best_lower_bound": {"name": best, "value": lower[best]},
         "khat": diagnostics.khat_summary(khat),
-        "active_units": active_units(posterior_means(model.guide, x_all[:2000])),
+        "active_units": _active_units(model.guide, x_all[:2000]),
     }
+    if not conventions:
+        report["not_measured"] = (
+            "the Cremer split and ELBO surgery: they need the model's posterior(x) and prior(x) "
+            "(elbolab's VAE conventions)"
+        )
     if splits:
         joined = {k: torch.cat([s[k] for s in splits]) for k in splits[0]}
         report["cremer_points"] = min(cremer_points, int(x_all.shape[0]))
         report["cremer"] = {k: across_datapoints(v) for k, v in joined.items()}
-    if not aux:  # one stochastic layer: q(z | x) has a density
+    if not conventions:
+        pass
+    elif not aux:  # one stochastic layer: q(z | x) has a density
         report["surgery"] = aggregate_posterior_terms(
             model.posterior, model.prior(x_all), x_all[:2000]
         )
@@ -172,6 +183,14 @@ def gaps_run(
     write_json(run_dir / GAPS, report)
     plot_gaps(report, run_dir / "gaps.png")
     return report
+
+
+def _active_units(guide, x) -> int | None:
+    """Active units of the guide's top latent; None when it has no single one."""
+    try:
+        return active_units(posterior_means(guide, x))
+    except ValueError:
+        return None
 
 
 def _pair(summary: dict) -> tuple[float, float]:
@@ -210,6 +229,8 @@ def format_gaps(report: dict) -> str:
             f"{s['marginal_kl']:.3f}"
         )
     lines.append(f"active units: {report['active_units']}")
+    if "not_measured" in report:
+        lines.append(f"not measured for this model: {report['not_measured']}")
     warning = diagnostics.khat_warning(
         report["khat"], what=f"the IWAE-{report['num_particles']} estimate"
     )

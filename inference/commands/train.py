@@ -6,6 +6,7 @@ import argparse
 
 from ppl_models import MODELS
 
+from .. import user_model
 from ..data import DATASETS
 from ..objectives import OBJECTIVES
 from ..runs import TrainConfig, read_metrics
@@ -13,9 +14,23 @@ from ..svi import train
 from .flags import add_flags, config_from, int_list
 
 
+def model_name(text: str) -> str:
+    """A built-in model's name or a user factory's reference."""
+    if text in MODELS or user_model.is_reference(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not one of {', '.join(MODELS)}, nor FILE.py:FACTORY or MODULE:FACTORY"
+    )
+
+
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     """The flags of a :class:`~inference.runs.TrainConfig`; unset ones keep its defaults."""
-    p.add_argument("--model", choices=MODELS, help="model (default vae)")
+    p.add_argument(
+        "--model",
+        type=model_name,
+        help=f"model: {', '.join(MODELS)} (default vae), or your own factory, "
+        "path/to/file.py:make_model or package.module:make_model",
+    )
     p.add_argument("--data", choices=DATASETS, help="data set (default digits)")
     add_flags(p, "data_path")
     p.add_argument("--objective", choices=OBJECTIVES, help="training objective (default iwae)")
