@@ -24,8 +24,8 @@ demo: $(STAMP)
 	$(BIN)/elbolab demo --out runs/demo --seed 0 --overwrite
 
 lint: $(STAMP)
-	$(BIN)/ruff check ppl_models inference tests benchmarks
-	$(BIN)/ruff format --check ppl_models inference tests benchmarks
+	$(BIN)/ruff check ppl_models inference tests benchmarks docs
+	$(BIN)/ruff format --check ppl_models inference tests benchmarks docs
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

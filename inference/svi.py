@@ -134,14 +134,15 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += value
+            # per datapoint: the loss estimates N times it when scaled, B times it when not
+            total += value / (num_data if takes_num_data else xb.shape[0])
             if on_step is not None:
                 on_step(index, step, loss)
             bar.update(1)
         model.eval()
         heldout = heldout_elbo(model, x_heldout)
         model.train()
-        bound = -total / steps_per_epoch / num_data
+        bound = -total / steps_per_epoch
         bar.set_postfix(bound=f"{bound:.2f}", heldout=f"{heldout:.2f}")
         return {
             "objective": config.objective,

@@ -25,6 +25,8 @@ def test_user_vae_trains_and_every_command_works_on_it(tmp_path, capsys):
     assert config["model"] == f"{source.resolve()}:make_model" and len(config["model_sha256"]) == 64
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["test_elbo"] > rows[0]["test_elbo"]  # it learns
+    # No num_data in its model(x): the minibatch loss is a sum over B, reported per datapoint.
+    assert abs(rows[-1]["train_bound"] - rows[-1]["test_elbo"]) < 5
 
     assert main(["evaluate", str(run), "--k", "1,10,100", "--no-progress"]) == 0
     report = json.loads((run / "eval.json").read_text())

@@ -2,7 +2,7 @@
 
 Train it with elbolab:
 
-    elbolab train --model docs/examples/my_vae.py:make_model --data digits --epochs 50 --out runs/mine
+    elbolab train --model docs/examples/my_vae.py:make_model --epochs 50 --out runs/mine
 
 elbolab calls ``make_model`` with the arguments it names (here the data width
 ``x_dim``); the module's ``model(x)`` and ``guide(x)`` are all elbolab uses.
