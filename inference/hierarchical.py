@@ -29,10 +29,10 @@ import torch
 from .bounds import Bound, elbo_bound, iwae_bound, logsumexp
 from .tracing import (
     Layout,
-    guess_max_plate_nesting,
+    dry_run,
     latent_values,
     log_density,
-    subsample_values,
+    replay_values,
     trace_guide,
     trace_model,
 )
@@ -83,6 +83,7 @@ def hierarchical_log_densities(
     inner_samples: Sequence[int] = (1, 10, 100, 1000),
     plate: str = "data",
     max_rows: int = 5_000,
+    minibatch: dict[str, torch.Tensor] | None = None,
     **kwargs,
 ) -> dict[str, torch.Tensor]:
     r"""Per-particle terms of the hierarchical bounds, each of shape (K, N).
@@ -98,36 +99,41 @@ def hierarchical_log_densities(
       shrinks as S grows.
 
     Particles, and the inner draws, run in chunks of about ``max_rows`` rows
-    (particles x N, and S x particles x N).
+    (particles x N, and S x particles x N), all on one minibatch when the
+    pair subsamples: ``minibatch`` (subsample indices by plate), or the one
+    the guide draws first.
     """
     aux = set(aux_sites)
     args = (x,)
     n = x.shape[0]
     out: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
-        nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        nesting, drawn = dry_run(model, guide, args, kwargs)
+        minibatch = drawn if minibatch is None else minibatch
         for start in range(0, num_particles, max(1, max_rows // n)):
             size = min(max(1, max_rows // n), num_particles - start)
             chunk = _hierarchical_chunk(
                 model, guide, args, kwargs, Layout(size, nesting, plate), aux, inner_samples,
-                max_rows,
+                max_rows, minibatch,
             )  # fmt: skip
             for name, value in chunk.items():
                 out.setdefault(name, []).append(value)
     return {name: torch.cat(values) for name, values in out.items()}
 
 
-def _hierarchical_chunk(model, guide, args, kwargs, layout, aux, inner_samples, max_rows):
+def _hierarchical_chunk(
+    model, guide, args, kwargs, layout, aux, inner_samples, max_rows, minibatch
+):
     """The terms of :func:`hierarchical_log_densities` for one chunk of particles."""
     num_particles, nesting, plate = layout.num_particles, layout.max_plate_nesting, layout.plate
     out: dict[str, torch.Tensor] = {}
-    guide_trace = trace_guide(guide, args, kwargs, layout)
+    guide_trace = trace_guide(guide, args, kwargs, layout, values=minibatch)
     values = latent_values(guide_trace)
     missing = aux - set(values)
     if missing:
         raise ValueError(f"aux_sites {sorted(missing)} are not sampled by the guide")
     top = {name: v for name, v in values.items() if name not in aux}
-    model_trace = trace_model(model, args, kwargs, layout, values=values)
+    model_trace = trace_model(model, args, kwargs, layout, values=replay_values(guide_trace))
     log_p = log_density(model_trace, layout, exclude=aux)
     log_r = log_density(model_trace, layout, only=aux)
     log_q_top = log_density(guide_trace, layout, exclude=aux)
@@ -144,7 +150,7 @@ def _hierarchical_chunk(model, guide, args, kwargs, layout, aux, inner_samples, 
                 name: v[start : start + c].repeat(s, *([1] * (v.dim() - 1)))
                 for name, v in top.items()
             }
-            fixed.update(subsample_values(guide_trace))  # the minibatch the guide drew
+            fixed.update(minibatch)
             inner = Layout(s * c, nesting, plate)
             log_q_hat.append(
                 plug_in_log_marginal(
@@ -182,14 +188,15 @@ def hierarchical_bounds(
     ``"statistics"``.
     """
     marg_particles = marg_particles or num_particles
+    minibatch = dry_run(model, guide, (x,), kwargs)[1]  # one for every term
     terms = hierarchical_log_densities(
         model, guide, x, aux_sites=aux_sites, num_particles=num_particles,
-        inner_samples=(), **kwargs,
+        inner_samples=(), minibatch=minibatch, **kwargs,
     )  # fmt: skip
     if inner_samples:
         marg = hierarchical_log_densities(
             model, guide, x, aux_sites=aux_sites, num_particles=marg_particles,
-            inner_samples=inner_samples, **kwargs,
+            inner_samples=inner_samples, minibatch=minibatch, **kwargs,
         )  # fmt: skip
     out: dict[str, Bound] = {
         "log_px": iwae_bound(terms["log_w_aux"]),

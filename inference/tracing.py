@@ -45,11 +45,14 @@ def sample_sites(trace) -> Iterable[dict]:
             yield site
 
 
-def guess_max_plate_nesting(model: Callable, guide: Callable, args, kwargs) -> int:
-    """How many vectorised plates the model and guide nest (a dry run, like Pyro's ELBO).
+def dry_run(model: Callable, guide: Callable, args, kwargs) -> tuple[int, dict]:
+    """How many vectorised plates the model and guide nest, and the minibatch the guide draws.
 
-    The dry run leaves the random state as it found it, so that calling it (or
-    not) never changes the draws that follow.
+    One run of the guide and the replayed model, like Pyro's ELBO's first
+    step, that leaves the random state as it found it, so that calling it (or
+    not) never changes the draws that follow. The subsample indices (see
+    :func:`subsample_values`) are those the next guide run would draw:
+    replaying them into every chunk of particles keeps one minibatch per call.
     """
     with poutine.block(), torch.random.fork_rng(devices=[]):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -62,7 +65,12 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args, kwargs) -> i
         for frame in site["cond_indep_stack"]
         if frame.vectorized and frame.dim is not None
     ]
-    return max(dims, default=0)
+    return max(dims, default=0), subsample_values(guide_trace)
+
+
+def guess_max_plate_nesting(model: Callable, guide: Callable, args, kwargs) -> int:
+    """How many vectorised plates the model and guide nest (see :func:`dry_run`)."""
+    return dry_run(model, guide, args, kwargs)[0]
 
 
 def top_latent(guide: Callable, *args, **kwargs) -> str:
@@ -373,12 +381,12 @@ def log_importance_weights(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     with torch.no_grad():
-        nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        nesting, minibatch = dry_run(model, guide, args, kwargs)
         chunks = []
         for start in range(0, num_particles, chunk_size):
             size = min(chunk_size, num_particles - start)
             layout = Layout(size, nesting, plate)
-            chunk = weighted_sample(model, guide, args, kwargs, layout).log_w
+            chunk = weighted_sample(model, guide, args, kwargs, layout, values=minibatch).log_w
             assert chunk.shape[0] == size
             chunks.append(chunk)
     return torch.cat(chunks, 0)

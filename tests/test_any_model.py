@@ -65,6 +65,9 @@ def test_native_subsampling_scores_the_guides_minibatch(float64):
         nearest = (log_w[0][:, None] - exact[None, :]).abs().min(1).values
         assert (nearest < 1e-9).all()
         assert len({round(float(v), 9) for v in log_w[0]}) == B  # B distinct datapoints
+    # Particles drawn in chunks share one minibatch.
+    log_w = log_importance_weights(model, guide, x, num_particles=6, chunk_size=2)
+    assert torch.allclose(log_w, log_w[0].expand_as(log_w), atol=1e-9)
 
 
 @pytest.mark.parametrize("objective", ["iwae", "elbo", "dreg"])
@@ -362,3 +365,18 @@ def test_point_mass_guides_are_refused(float64):
             log_importance_weights(model, guide, y, num_particles=2, plate=plate)
     with pytest.raises(ValueError, match="point mass"):
         make_objective("iwae", num_particles=2).loss(model, guide, y)
+
+
+def test_hierarchical_terms_replay_the_minibatch_too(float64):
+    """gaps' estimator on a subsampling pair: with the exact posterior every term is log p(x)."""
+    from inference.hierarchical import hierarchical_log_densities
+
+    model, guide, x, exact = _subsampled_pair(B)
+    terms = hierarchical_log_densities(
+        model, guide, x, aux_sites=(), num_particles=4, inner_samples=(2,)
+    )
+    for name in ("log_w_aux", "log_w_h", "log_w_marg[2]"):
+        log_w = terms[name]
+        assert log_w.shape == (4, B)
+        nearest = (log_w[:, :, None] - exact).abs().min(-1).values
+        assert (nearest < 1e-9).all(), name
