@@ -182,7 +182,12 @@ def _cd_update(rbm, v, h_chains, config, velocity, lr: float) -> torch.Tensor:
 
 
 def train_rbm(
-    config: RBMConfig, out: str | Path, *, resume: bool = False, progress: bool = True
+    config: RBMConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> RBM:
     """Train an RBM with CD-k or PCD-k, writing a run directory like ``elbolab train``.
 
@@ -197,7 +202,7 @@ def train_rbm(
         When a parameter becomes NaN or infinite; the last good checkpoint stays.
     """
     out = Path(out)
-    config = prepare_run(config.validate(), out, resume)
+    config = prepare_run(config.validate(), out, resume, overwrite=overwrite)
     torch.manual_seed(config.seed)
     dataset = load_dataset(config.data, path=config.data_path)
     x_train = dataset.split("train")[: config.train_limit]

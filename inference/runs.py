@@ -245,13 +245,18 @@ def config_differences(saved, config, *, ignore: Sequence[str] = ()) -> str:
     return ", ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in changed.items())
 
 
-def prepare_run(config, out: Path, resume: bool, *, changeable=("epochs",)):
+def prepare_run(config, out: Path, resume: bool, *, overwrite=False, changeable=("epochs",)):
     """The configuration to train with.
 
     ``config`` for a new run in ``out``; for ``--resume`` the saved one, in
-    which only the ``changeable`` fields may differ from ``config``.
+    which only the ``changeable`` fields may differ from ``config``. A new
+    run needs a new or empty ``out`` (:func:`check_output_dir`); with
+    ``overwrite``, an earlier elbolab run there loses the files elbolab wrote
+    (:func:`clear_run`) and anything else in it stays.
     """
     out = Path(out)
+    if resume and overwrite:
+        raise RunError("--resume continues the run in --out and --overwrite replaces it: pick one")
     if resume:
         saved = read_config(out, type(config))
         detail = config_differences(saved, config, ignore=changeable)
@@ -260,11 +265,146 @@ def prepare_run(config, out: Path, resume: bool, *, changeable=("epochs",)):
         for name in changeable:
             setattr(saved, name, getattr(config, name))
         return saved
-    if (out / CONFIG).exists():
+    if overwrite:
+        clear_run(out)
+        return config
+    if is_elbolab_run(out):
         raise RunError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+            f"{out} already holds a run; pass --resume to continue it, --overwrite to replace "
+            "it, or choose another --out"
         )
+    check_output_dir(out)
     return config
+
+
+# ---------------------------------------------------------------------------
+# What elbolab may write, and remove
+# ---------------------------------------------------------------------------
+
+# Every file elbolab writes into a run directory (a test keeps this list complete).
+RUN_FILES = frozenset({
+    CONFIG, CHECKPOINT, METRICS, "eval.json", "eval_datapoints.npz", "gaps.json", "gaps.png",
+    "diagnose.json", "diagnose.nc", "diagnose_pairs.png", "rbm_eval.json", "rbm_eval.png",
+    "iwae_ladder.png", "training.png", "reconstructions.png", "samples.png",
+})  # fmt: skip
+# An output folder that is not a run (compare, experiment) carries this marker file.
+FOLDER_MARKER = "elbolab.json"
+
+
+def _is_temporary(name: str) -> bool:
+    """A temporary file of :func:`atomic_write` that an interrupted write left behind."""
+    return any(name.startswith(f".{known}.") for known in (*RUN_FILES, FOLDER_MARKER))
+
+
+def is_elbolab_dir(path: Path, *, markers=(CONFIG, FOLDER_MARKER)) -> bool:
+    """Whether elbolab wrote ``path``.
+
+    That is a run whose config.json carries the marker, or an output folder
+    with :data:`FOLDER_MARKER`.
+    """
+    path = Path(path)
+    for name in markers:
+        try:
+            values = json.loads((path / name).read_text())
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(values, dict) and MARKER in values:
+            return True
+    return False
+
+
+def is_elbolab_run(path: Path) -> bool:
+    """Whether ``path`` is a run directory that elbolab wrote (config.json with the marker)."""
+    return is_elbolab_dir(path, markers=(CONFIG,))
+
+
+def _protected(path: Path) -> str | None:
+    """Why ``path`` may never be an output directory, or None."""
+    resolved = path.expanduser().resolve()
+    checkout = Path(__file__).resolve().parents[1]
+    if resolved == Path(resolved.anchor):
+        return "the file system's root"
+    if resolved == Path.home().resolve():
+        return "your home directory"
+    if resolved == checkout:
+        return "elbolab's own checkout"
+    return None
+
+
+def check_output_dir(out: Path, *, ours_ok: bool = False) -> None:
+    """Refuse an ``--out`` that elbolab may not write into.
+
+    Allowed: a new or empty directory, and with ``ours_ok`` one that elbolab
+    wrote (:func:`is_elbolab_dir`). Refused with one line: a file, the root,
+    the home directory, elbolab's checkout, and any other non-empty folder.
+    """
+    out = Path(out)
+    why = _protected(out)
+    if why:
+        raise RunError(f"--out {out} is {why}; choose a new directory for elbolab's files")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a directory; choose a new directory")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if ours_ok and is_elbolab_dir(out):
+        return
+    shown = sorted(p.name for p in out.iterdir())
+    listing = ", ".join(shown[:4]) + (", ..." if len(shown) > 4 else "")
+    kind = "an elbolab directory of another kind" if is_elbolab_dir(out) else "not elbolab's"
+    raise RunError(
+        f"--out {out} is not empty and {kind} (it holds {listing}); choose a new or empty directory"
+    )
+
+
+def mark_folder(out: Path, kind: str) -> None:
+    """Make ``out`` an elbolab output folder (see :func:`check_output_dir`)."""
+    check_output_dir(out, ours_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / FOLDER_MARKER).exists():
+        write_json(out / FOLDER_MARKER, {"kind": kind, MARKER: __version__})
+
+
+def clear_run(out: Path) -> list[str]:
+    """Make ``out`` ready for a new run; returns the names removed.
+
+    Nothing to do when it is new or empty, else :func:`remove_run_files`
+    (an elbolab run only).
+    """
+    check_output_dir(out, ours_ok=True)
+    if not Path(out).exists() or not any(Path(out).iterdir()):
+        return []
+    return remove_run_files(out)
+
+
+def remove_run_files(run_dir: Path) -> list[str]:
+    """Delete the files elbolab wrote in a marked run directory; everything else stays.
+
+    Returns the names removed. A directory without elbolab's marker is an error.
+    """
+    run_dir = Path(run_dir)
+    why = _protected(run_dir)
+    if why or not is_elbolab_run(run_dir):
+        raise RunError(
+            f"--overwrite: {run_dir} is {why or 'not an elbolab run directory'}; "
+            "elbolab removes only files it wrote, in runs it marked"
+        )
+    removed = run_files_in(run_dir)
+    for path in removed:
+        path.unlink()
+    return [path.name for path in removed]
+
+
+def run_files_in(run_dir: Path) -> list[Path]:
+    """The files of ``run_dir`` that elbolab wrote (:data:`RUN_FILES` and temporaries)."""
+    if not Path(run_dir).is_dir():
+        return []
+    return [
+        path
+        for path in sorted(Path(run_dir).iterdir())
+        if path.is_file()
+        and not path.is_symlink()
+        and (path.name in RUN_FILES or _is_temporary(path.name))
+    ]
 
 
 def rng_state(shuffle: torch.Generator, device: torch.device) -> dict:

@@ -59,6 +59,7 @@ def train(
     out: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.nn.Module:
@@ -72,6 +73,9 @@ def train(
         Run directory (created).
     resume : bool
         Continue the run in ``out`` from its checkpoint up to ``config.epochs``.
+    overwrite : bool
+        Replace an earlier run in ``out``: the files elbolab wrote there are
+        removed, nothing else (see :func:`~inference.runs.prepare_run`).
     progress : bool
         Show a progress bar.
     on_step : callable, optional
@@ -92,7 +96,7 @@ def train(
     config.validate()
     if user_model.is_reference(config.model):
         config.model = user_model.resolve(config.model)
-    config = prepare_run(config, out, resume, changeable=("epochs", "device"))
+    config = prepare_run(config, out, resume, overwrite=overwrite, changeable=("epochs", "device"))
     if user_model.is_reference(config.model):
         if resume:
             user_model.check_unchanged(config.model, config.model_sha256, run_dir=out)

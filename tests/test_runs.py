@@ -91,3 +91,126 @@ def test_config_round_trip_keeps_every_field(tmp_path):
     config = TrainConfig(model="hvae", layers=3, hidden=[8, 8], z_dim=2, corruption=None)
     again = TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
+
+
+# ---------------------------------------------------------------------------
+# Never delete or overwrite what elbolab did not write
+# ---------------------------------------------------------------------------
+
+
+def _foreign_project(root: Path) -> dict[Path, str]:
+    """A user's folder that happens to hold a config.json."""
+    files = {
+        root / "config.json": json.dumps({"name": "my web app"}),
+        root / "src" / "main.py": "print('hello')\n",
+        root / "metrics.jsonl": '{"users": 3}\n',
+    }
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return files
+
+
+def _untouched(files: dict[Path, str]) -> bool:
+    return all(path.read_text() == text for path, text in files.items())
+
+
+def _one_line(capsys, code, *needles):
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("elbolab: error:") and err.count("\n") == 1, err
+    assert "Traceback" not in err and all(n in err for n in needles), err
+
+
+def test_foreign_folder_survives_overwrite_and_every_writing_command(tmp_path, capsys):
+    proj = tmp_path / "proj"
+    files = _foreign_project(proj)
+    _one_line(capsys, main(["demo", "--out", str(proj), "--overwrite", "--epochs", "1",
+                            "--no-progress"]), "not empty and not elbolab's")  # fmt: skip
+    _one_line(capsys, main(["train", "--out", str(proj), *TINY]), "not empty and not elbolab's")
+    _one_line(capsys, main(["rbm", "train", "--hidden", "4", "--epochs", "1", "--out",
+                            str(proj), "--no-progress"]), "not elbolab's")  # fmt: skip
+    _one_line(capsys, main(["evaluate", str(proj), "--no-progress"]), "unknown configuration")
+    _one_line(capsys, main(["gaps", str(proj), "--no-progress"]), "unknown configuration")
+    _one_line(capsys, main(["diagnose", str(proj), "--no-progress"]), "unknown configuration")
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *TINY]) == 0
+    assert main(["evaluate", str(run), "--k", "1,5", "--no-progress"]) == 0
+    capsys.readouterr()
+    _one_line(capsys, main(["compare", str(run), "--out", str(proj)]), "not elbolab's")
+    _one_line(capsys, main(["experiment", "stochastic-layers", "--out", str(proj), "--epochs",
+                            "1", "--seeds", "0", "--no-progress"]), "not elbolab's")  # fmt: skip
+    assert _untouched(files) and sorted(p.name for p in proj.iterdir()) == [
+        "config.json", "metrics.jsonl", "src"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["root", "home", "checkout", "file"])
+def test_dangerous_out_is_refused_without_writing(tmp_path, capsys, where):
+    target = {
+        "root": Path("/"),
+        "home": Path.home(),
+        "checkout": Path(__file__).resolve().parents[1],
+        "file": tmp_path / "notes.txt",
+    }[where]
+    if where == "file":
+        target.write_text("mine\n")
+    before = sorted(p.name for p in target.iterdir()) if target.is_dir() else None
+    for args in (
+        ["train", "--out", str(target), *TINY],
+        ["demo", "--out", str(target), "--overwrite", "--epochs", "1", "--no-progress"],
+        ["rbm", "train", "--hidden", "4", "--epochs", "1", "--out", str(target), "--no-progress"],
+        ["compare", str(tmp_path), "--out", str(target)],
+        ["experiment", "stochastic-layers", "--out", str(target), "--no-progress"],
+    ):
+        _one_line(capsys, main(args), f"--out {target} is")
+    if where == "file":
+        assert target.read_text() == "mine\n"
+    else:
+        assert sorted(p.name for p in target.iterdir()) == before
+
+
+def test_overwrite_removes_only_elbolabs_files(tmp_path, capsys):
+    run = tmp_path / "demo"
+    assert main(["demo", "--out", str(run), "--epochs", "2", "--no-progress"]) == 0
+    written = sorted(p.name for p in run.iterdir())
+    (run / "my_notes.txt").write_text("keep me\n")
+    (run / "analysis").mkdir()
+    (run / "analysis" / "plot.png").write_bytes(b"mine")
+    capsys.readouterr()
+    assert main(["demo", "--out", str(run), "--overwrite", "--epochs", "2", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert f"--overwrite: removed {', '.join(written)} from {run}\n" in said
+    assert (run / "my_notes.txt").read_text() == "keep me\n"
+    assert (run / "analysis" / "plot.png").read_bytes() == b"mine"
+
+
+def test_run_files_lists_everything_elbolab_writes(tmp_path):
+    """The list --overwrite trusts must name every file the commands write into a run."""
+    from inference.runs import RUN_FILES
+
+    run, rbm = tmp_path / "hvae", tmp_path / "rbm"
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--no-progress"]) == 0
+    assert main(["train", "--model", "hvae", "--out", str(run), *TINY]) == 0
+    assert main(["evaluate", str(run), "--k", "1,5", "--no-progress"]) == 0
+    assert main(["gaps", str(run), "--k", "5", "--inner-samples", "1,2", "--limit", "5",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert main(["diagnose", str(run), "--points", "1", "--chains", "1", "--samples", "20",
+                 "--warmup", "20", "--num-particles", "20", "--no-progress"]) == 0  # fmt: skip
+    assert main(["rbm", "train", "--hidden", "4", "--epochs", "1", "--out", str(rbm),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert main(["rbm", "evaluate", str(rbm), "--chains", "5", "--betas", "20"]) == 0
+    written = {p.name for d in (tmp_path / "demo", run, rbm) for p in d.iterdir()}
+    assert written <= RUN_FILES, written - RUN_FILES
+
+
+def test_output_folders_are_marked_and_reusable(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *TINY]) == 0
+    assert main(["evaluate", str(run), "--k", "1,5", "--no-progress"]) == 0
+    out = tmp_path / "cmp"
+    assert main(["compare", str(run), "--out", str(out)]) == 0
+    assert main(["compare", str(run), "--out", str(out)]) == 0  # its own folder: fine
+    assert json.loads((out / "elbolab.json").read_text())["kind"] == "compare"
+    capsys.readouterr()
+    # a run is not a compare folder, and a compare folder is not a run
+    _one_line(capsys, main(["train", "--out", str(out), *TINY]), "elbolab directory of another")

@@ -10,7 +10,14 @@ import numpy as np
 import pyro
 
 from ..plots import plot_compare
-from ..runs import RunError, load_run, read_report, write_json
+from ..runs import (
+    RunError,
+    check_output_dir,
+    load_run,
+    mark_folder,
+    read_report,
+    write_json,
+)
 from ..surgery import active_units, posterior_means
 from .evaluate import EVAL, EVAL_DATAPOINTS
 from .flags import add_flags
@@ -29,6 +36,8 @@ def compare_runs(
     """
     if len(runs) < 1:
         raise RunError("compare needs at least one run directory")
+    out = Path(out)
+    check_output_dir(out, ours_ok=True)
     rows, khats = [], {}
     for run in map(Path, runs):
         report = read_report(run, EVAL)
@@ -60,8 +69,8 @@ def compare_runs(
                 "latent_units": int(getattr(model, "z_dim", 0)) or None,
             }
         )
-    out = Path(out)
     result = {"runs": rows}
+    mark_folder(out, "compare")
     write_json(out / COMPARE, result)
     plot_compare(rows, khats, out / "compare.png")
     return result

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
 from ..plots import plot_images, plot_iwae_ladder, plot_training
-from ..runs import CONFIG, RunError, TrainConfig, load_run, read_metrics
+from ..runs import TrainConfig, load_run, read_metrics
 from ..svi import train
 from .evaluate import evaluate_run, format_report
-from .flags import add_flags
+from .flags import add_flags, replace
 
 
 def add_parser(sub) -> None:
@@ -19,26 +18,20 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--epochs", type=int, default=150, help="epochs (default 150)")
     add_flags(p, "seed")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
-    add_flags(p, "no_progress")
+    add_flags(p, "overwrite", "no_progress")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     tic = time.perf_counter()
     out = Path(args.out)
-    if (out / CONFIG).exists():
-        if not args.overwrite:
-            raise RunError(f"{out} already holds a run; pass --overwrite or another --out")
-        shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
-        raise RunError(f"{out} exists and is not a run directory; choose another --out")
     config = TrainConfig(
         model="vae", data="digits", objective="iwae", num_particles=5,
         epochs=args.epochs, batch_size=128, seed=args.seed,
     )  # fmt: skip
     print(f"elbolab demo: VAE on digits, IWAE objective with K=5, {args.epochs} epochs")
-    train(config, out, progress=not args.no_progress)
+    replace(lambda: train(config, out, overwrite=args.overwrite, progress=not args.no_progress),
+            out, args.overwrite)  # fmt: skip
     report = evaluate_run(out, ks=(1, 10, 100, 1000), split="test", seed=args.seed,
                           progress=not args.no_progress)  # fmt: skip
     print(format_report(report))

@@ -24,6 +24,7 @@ from ..runs import (
     TrainConfig,
     config_differences,
     load_checkpoint,
+    mark_folder,
     read_config,
     write_json,
 )
@@ -105,6 +106,7 @@ def stochastic_layers(
 ) -> dict:
     """Run the experiment; write ``experiment.json`` in ``out`` and return it."""
     out = Path(out)
+    mark_folder(out, "experiment")
     tic = time.perf_counter()
     rows: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     for seed in seeds:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+from ..runs import is_elbolab_run, run_files_in
 
 
 class Parser(argparse.ArgumentParser):
@@ -47,6 +51,13 @@ _COMMON = {
     ),
     "device": ("--device", dict(default="cpu", help="torch device (default {default})")),
     "no_progress": ("--no-progress", dict(action="store_true", help="hide the progress bars")),
+    "overwrite": (
+        "--overwrite",
+        dict(
+            action="store_true",
+            help="replace an earlier run in --out: only the files elbolab wrote are removed",
+        ),
+    ),
 }
 
 
@@ -64,6 +75,14 @@ def add_flags(parser: argparse.ArgumentParser, *names: str, **defaults) -> None:
         shown = defaults.get(f"{name}_shown", options.get("default"))
         options["help"] = options["help"].format(default=shown)
         parser.add_argument(flag, **options)
+
+
+def replace(train: Callable[[], object], out, overwrite: bool) -> None:
+    """Run ``train`` (which replaces the run in ``out`` when ``overwrite``), then say what went."""
+    removed = [p.name for p in run_files_in(Path(out))] if overwrite and is_elbolab_run(out) else []
+    train()
+    if removed:
+        print(f"--overwrite: removed {', '.join(removed)} from {out}")
 
 
 def config_from(args: argparse.Namespace, config):

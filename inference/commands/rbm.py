@@ -19,7 +19,7 @@ from ..partition import (
 )
 from ..plots import plot_rbm
 from ..runs import read_metrics, write_json
-from .flags import Parser, add_flags, config_from
+from .flags import Parser, add_flags, config_from, replace
 from .report import table
 
 RBM_EVAL = "rbm_eval.json"
@@ -144,7 +144,7 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out; a new --epochs also stretches the linear "
                    "learning-rate decay over the new total")  # fmt: skip
-    add_flags(p, "no_progress")
+    add_flags(p, "overwrite", "no_progress")
     p.set_defaults(func=run_train)
 
     p = rbm_sub.add_parser("evaluate", help="log-likelihood: exact, AIS and reverse AIS")
@@ -166,7 +166,11 @@ def add_parser(sub) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     config = config_from(args, RBMConfig())
-    train_rbm(config, args.out, resume=args.resume, progress=not args.no_progress)
+    replace(
+        lambda: train_rbm(config, args.out, resume=args.resume, overwrite=args.overwrite,
+                          progress=not args.no_progress),
+        args.out, args.overwrite,
+    )  # fmt: skip
     last = read_metrics(args.out)[-1]
     exact = last.get("exact_log_likelihood")
     print(

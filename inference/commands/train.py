@@ -11,7 +11,7 @@ from ..data import DATASETS
 from ..objectives import OBJECTIVES
 from ..runs import TrainConfig, read_metrics
 from ..svi import train
-from .flags import add_flags, config_from, int_list
+from .flags import add_flags, config_from, int_list, replace
 
 
 def model_name(text: str) -> str:
@@ -55,12 +55,17 @@ def add_parser(sub) -> None:
     add_train_flags(p)
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    add_flags(p, "overwrite")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     config = config_from(args, TrainConfig())
-    train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    replace(
+        lambda: train(config, args.out, resume=args.resume, overwrite=args.overwrite,
+                      progress=not args.no_progress),
+        args.out, args.overwrite,
+    )  # fmt: skip
     last = read_metrics(args.out)[-1]
     heldout = next(k for k in last if k.endswith("_elbo"))
     print(
