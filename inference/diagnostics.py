@@ -28,6 +28,8 @@ from .runs import atomic_write
 
 KHAT_GOOD = 0.5
 KHAT_BAD = 0.7
+# PSIS fits the largest K/5 weights (K <= 225) and needs at least 5 of them.
+KHAT_MIN_PARTICLES = 25
 
 
 def _numpy(x) -> np.ndarray:
@@ -47,7 +49,9 @@ def psis_khat(log_w) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        Shape (N,), or a 0-d array for (K,) input.
+        Shape (N,), or a 0-d array for (K,) input. NaN where it cannot be
+        estimated: fewer than :data:`KHAT_MIN_PARTICLES` weights (unless they
+        are all equal or all zero, which need no fit).
 
     Notes
     -----
@@ -77,11 +81,15 @@ def _column_khat(lw: np.ndarray, array_stats) -> float:
         return np.inf  # no weight is positive: nothing can be estimated
     if np.ptp(lw[finite]) == 0:
         return 0.0  # equal weights are bounded
+    if lw.size < KHAT_MIN_PARTICLES:
+        return np.nan  # too few weights for a tail fit
     # -inf weights are exact zeros, below any tail: put them just under the smallest.
     lw = np.where(finite, lw, lw[finite].min() - 50.0)
     try:
         _, khat = array_stats.psislw(-lw, r_eff=1, axis=0)
-    except ValueError:  # a constant tail: the largest weights are all equal, so bounded
+    except ValueError as err:  # a constant tail: the largest weights are all equal, so bounded
+        if "same" not in str(err):
+            raise
         return 0.0
     return float(khat)
 
@@ -92,16 +100,37 @@ def importance_ess(log_w) -> np.ndarray:
 
 
 def khat_summary(khat) -> dict:
-    """Counts of datapoints in each k-hat band of Yao et al. (2018), and the worst value."""
+    """Counts of datapoints in each k-hat band of Yao et al. (2018), and the worst value.
+
+    Datapoints whose k-hat could not be estimated (NaN) are counted apart,
+    as ``not_estimable``; ``max`` and ``median`` are over the others (NaN if none).
+    """
     k = np.atleast_1d(np.asarray(khat, dtype=np.float64))
+    known = k[~np.isnan(k)]
     return {
         "num_datapoints": int(k.size),
-        "good": int((k < KHAT_GOOD).sum()),
-        "ok": int(((k >= KHAT_GOOD) & (k < KHAT_BAD)).sum()),
-        "bad": int((k >= KHAT_BAD).sum()),
-        "max": float(k.max()) if k.size else float("nan"),
-        "median": float(np.median(k)) if k.size else float("nan"),
+        "good": int((known < KHAT_GOOD).sum()),
+        "ok": int(((known >= KHAT_GOOD) & (known < KHAT_BAD)).sum()),
+        "bad": int((known >= KHAT_BAD).sum()),
+        "not_estimable": int(k.size - known.size),
+        "max": float(known.max()) if known.size else float("nan"),
+        "median": float(np.median(known)) if known.size else float("nan"),
     }
+
+
+def khat_counts(summary: dict) -> str:
+    """The bands of a :func:`khat_summary` in words, for the printed reports."""
+    text = (
+        f"{summary['good']} good (< {KHAT_GOOD}), {summary['ok']} usable, {summary['bad']} bad "
+        f"(>= {KHAT_BAD}) of {summary['num_datapoints']}"
+    )
+    missing = summary.get("not_estimable", 0)
+    if missing:
+        text += (
+            f"; not estimable for {missing} (PSIS needs K >= {KHAT_MIN_PARTICLES} weights "
+            "unless they are all equal)"
+        )
+    return text
 
 
 def khat_warning(summary: dict, *, what: str) -> str | None:

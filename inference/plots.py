@@ -158,6 +158,7 @@ def plot_compare(rows: list[dict], khats: dict[str, np.ndarray], path: Path) -> 
     """k-hat distributions (left) and IWAE ladders (right) of several runs."""
     fig, (left, right) = _pyplot().subplots(1, 2, figsize=(10, 3.8))
     bins = np.linspace(-0.5, 1.5, 41)
+    khats = {name: k[~np.isnan(k)] for name, k in khats.items()}  # drop "not estimable"
     for name, k in khats.items():
         if len(k):
             left.hist(np.clip(k, bins[0], bins[-1]), bins=bins, histtype="step", label=name)
@@ -168,8 +169,7 @@ def plot_compare(rows: list[dict], khats: dict[str, np.ndarray], path: Path) -> 
     if any(len(k) for k in khats.values()):
         left.legend(fontsize=8)
     for row in rows:
-        items = sorted((int(k), v["mean"], v["stderr"]) for k, v in row["iwae"].items())
-        ks, means, errs = zip(*items, strict=True)
+        ks, means, errs = iwae_ladder(row)
         right.errorbar(ks, means, yerr=errs, marker="o", capsize=3, label=row["name"])
     right.set_xscale("log")
     right.set_xlabel("k")

@@ -1,6 +1,7 @@
 """Run directories are data, never code: checkpoints and config.json are checked, not trusted."""
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -214,3 +215,24 @@ def test_output_folders_are_marked_and_reusable(tmp_path, capsys):
     capsys.readouterr()
     # a run is not a compare folder, and a compare folder is not a run
     _one_line(capsys, main(["train", "--out", str(out), *TINY]), "elbolab directory of another")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_every_command_works_for_small_k(tmp_path, capsys, k):
+    """K = 1, 2, 3: k-hat cannot be fitted (NaN in JSON, said in the table), nothing crashes."""
+    run = tmp_path / "run"
+    assert main(["train", "--model", "hvae", "--out", str(run), *TINY]) == 0
+    ks = "1" if k == 1 else f"1,{k}"
+    assert main(["evaluate", str(run), "--k", ks, "--limit", "10", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((run / "eval.json").read_text())
+    if k > 1:
+        assert report["khat"]["not_estimable"] == 10 and "not estimable for 10" in out
+        assert math.isnan(report["khat"]["median"])
+    assert main(["gaps", str(run), "--k", str(k), "--inner-samples", "1,2", "--limit", "10",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert main(["compare", str(run), "--out", str(tmp_path / "cmp")]) == 0
+    assert main(["diagnose", str(run), "--points", "1", "--chains", "1", "--samples", "20",
+                 "--warmup", "20", "--num-particles", str(k), "--no-progress"]) == 0  # fmt: skip
+    diagnosed = json.loads((run / "diagnose.json").read_text())
+    assert diagnosed["khat"]["num_datapoints"] == 1

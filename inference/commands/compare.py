@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def compare_runs(
             units = None
         with np.load(run / EVAL_DATAPOINTS) as per_point:
             khat = per_point["khat"] if "khat" in per_point.files else np.array([])
+        khat = khat[~np.isnan(khat)]  # K too small for a tail fit
         khats[run.name] = khat
         rows.append(
             {
@@ -87,7 +89,7 @@ def format_compare(result: dict) -> str:
     for r in result["runs"]:
         k = r["khat"] or {}
         bad = f"{100 * k['bad'] / k['num_datapoints']:.0f}%" if k else "-"
-        med = f"{k['median']:.2f}" if k else "-"
+        med = f"{k['median']:.2f}" if k and not math.isnan(k["median"]) else "-"
         units = "-" if r["active_units"] is None else str(r["active_units"])
         units += (
             f"/{r['latent_units']}" if r["latent_units"] and r["active_units"] is not None else ""

@@ -196,8 +196,8 @@ def format_diagnose(report: dict) -> str:
     )  # fmt: skip
     k = report["khat"]
     lines.append(
-        f"k-hat of q as a proposal for p(z|x) (K={report['num_particles']}): {k['good']} good "
-        f"(< 0.5), {k['ok']} usable (0.5-0.7), {k['bad']} bad (>= 0.7)"
+        f"k-hat of q as a proposal for p(z|x) (K={report['num_particles']}): "
+        f"{diagnostics.khat_counts(k)}"
     )
     warning = diagnostics.khat_warning(report["khat"], what="the IWAE estimate")
     if warning:

@@ -139,9 +139,8 @@ def format_report(report: dict) -> str:
     if "khat" in report:
         k = report["khat"]
         lines.append(
-            f"PSIS k-hat of the {log_px['k']} weights: {k['good']} good (< 0.5), {k['ok']} "
-            f"usable, {k['bad']} bad (>= 0.7) of {k['num_datapoints']}; median IS ESS "
-            f"{report['is_ess_median']:.1f}"
+            f"PSIS k-hat of the {log_px['k']} weights: {diagnostics.khat_counts(k)}; median IS "
+            f"ESS {report['is_ess_median']:.1f}"
         )
         warning = diagnostics.khat_warning(
             k, what=f"the {log_px['estimator']} estimate of log p(x)"
