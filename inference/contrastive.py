@@ -68,13 +68,7 @@ class RBMConfig(RunConfig):
             )
         if self.method not in METHODS:
             raise RunError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
-        for name in ("hidden", "cd_steps", "epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise RunError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
-        if not self.lr > 0:
-            raise RunError(f"--lr must be > 0, got {self.lr}")
+        self.check_positive("hidden", "cd_steps", "epochs", "batch_size", "lr", "train_limit")
         if not 0 <= self.momentum < 1:
             raise RunError(f"--momentum must lie in [0, 1), got {self.momentum}")
         if self.lr_schedule not in SCHEDULES:

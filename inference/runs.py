@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -62,6 +63,17 @@ def _check_type(name: str, value, annotation: str):
     raise RunError(f"{name!r} must be {' or '.join(options)}, got {json.dumps(value)[:40]}")
 
 
+# Upper limits of the sizes in a configuration: far above any use here, and far below
+# what would exhaust memory (a 10^9-wide layer) or run for ever.
+SIZE_LIMITS = {
+    "hidden": 16_384, "z_dim": 16_384, "layers": 16, "num_particles": 1_000_000,
+    "batch_size": 10_000_000, "epochs": 1_000_000, "cd_steps": 10_000,
+}  # fmt: skip
+# The configuration fields that only some built-in models take.
+MODEL_FIELDS = {"guide_type": ("linear-gaussian",), "layers": ("hvae",), "corruption": ("hvae",),
+                "hidden": ("vae", "hvae")}  # fmt: skip
+
+
 class RunConfig:
     """Shared by run configurations: ``kind`` names the trainer; JSON round trip."""
 
@@ -88,14 +100,27 @@ class RunConfig:
         return self
 
     def check_positive(self, *names: str) -> None:
-        """Raise :class:`RunError` for the first of ``names`` that is not >= 1 (or > 0)."""
+        """Raise :class:`RunError` for the first of ``names`` out of its range.
+
+        Integers (and each entry of a list) must be >= 1 and at most their
+        :data:`SIZE_LIMITS` entry, which keeps memory sane; floats must be
+        finite and > 0. ``None`` is left alone (a default).
+        """
         for name in names:
             value = getattr(self, name)
-            if not value > 0 or (isinstance(value, int) and value < 1):
-                flag = "--" + name.replace("_", "-")
-                raise RunError(
-                    f"{flag} must be {'> 0' if isinstance(value, float) else '>= 1'}, got {value}"
-                )
+            flag = "--" + name.replace("_", "-")
+            if value is None:
+                continue
+            if isinstance(value, float):
+                if not (math.isfinite(value) and value > 0):
+                    raise RunError(f"{flag} must be finite and > 0, got {value}")
+                continue
+            high = SIZE_LIMITS.get(name)
+            for item in value if isinstance(value, list) else [value]:
+                if item < 1:
+                    raise RunError(f"{flag} must be >= 1, got {value}")
+                if high is not None and item > high:
+                    raise RunError(f"{flag} must be at most {high:,}, got {value}")
 
 
 @dataclass
@@ -133,15 +158,21 @@ class TrainConfig(RunConfig):
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise RunError(f"--{key} {getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        self.check_positive("num_particles", "epochs", "batch_size", "lr")
-        if self.hidden is not None and (not self.hidden or min(self.hidden) < 1):
-            raise RunError(f"--hidden needs positive layer sizes, got {self.hidden}")
+        self.check_positive("num_particles", "epochs", "batch_size", "lr", "hidden", "z_dim")
+        if self.hidden is not None and not self.hidden:
+            raise RunError("--hidden needs at least one layer size")
+        if self.model in MODELS:
+            for name, models in MODEL_FIELDS.items():
+                if getattr(self, name) is not None and self.model not in models:
+                    raise RunError(
+                        f"--{name.replace('_', '-')} needs --model {' or '.join(models)}, "
+                        f"not {self.model}"
+                    )
         if self.activation not in ACTIVATIONS:
             raise RunError(
                 f"--activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}"
             )
-        if self.layers is not None:
-            self.check_positive("layers")
+        self.check_positive("layers")
         if self.corruption is not None:
             try:
                 parse_corruption(self.corruption)
@@ -151,8 +182,6 @@ class TrainConfig(RunConfig):
                 raise RunError("--corruption needs --model hvae (it is the encoder's first layer)")
             if self.layers is not None and self.layers < 2:
                 raise RunError("--corruption is the first of at least 2 layers: use --layers 2+")
-        if self.z_dim is not None and self.z_dim < 1:
-            raise RunError(f"--z-dim must be >= 1, got {self.z_dim}")
         return self
 
 
