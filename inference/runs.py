@@ -15,6 +15,7 @@ import os
 import pickle
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -33,6 +34,7 @@ CONFIG = "config.json"
 MARKER = "elbolab"  # config.json's key for the version of elbolab that wrote the run
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+LOCK = "train.lock"  # holds the pid of the process that trains into the run
 
 
 class RunError(ValueError):
@@ -196,16 +198,27 @@ def check_device(device: str) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    An interrupted or failed write (a full disk, a signal) leaves ``path`` as
+    it was; a failure of the file system is a :class:`RunError` that says so.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
         write(Path(tmp))
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+        raise RunError(f"cannot write {path}: {err.strerror or err}; {kept}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -216,7 +229,12 @@ def write_json(path: Path, obj) -> None:
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
     """Write ``checkpoint.pt`` atomically."""
-    atomic_write(Path(run_dir) / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+    atomic_write(Path(run_dir) / CHECKPOINT, lambda tmp: _save_tensors(state, tmp))
+
+
+def _save_tensors(state: dict, path: Path) -> None:
+    with open(path, "wb") as f:  # a Python file: a full disk is an OSError, not torch's own
+        torch.save(state, f)
 
 
 def load_checkpoint(run_dir: Path) -> dict:
@@ -228,7 +246,9 @@ def load_checkpoint(run_dir: Path) -> dict:
     try:
         # weights_only: tensors, numbers and plain containers; never code from a shared run.
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" not in str(err):  # not a foreign object: a damaged file
+            raise RunError(f"cannot read {path}: damaged or not a checkpoint") from None
         raise RunError(
             f"refusing to load {path}: it holds pickled objects beyond tensors and plain values "
             "(elbolab writes none), and loading them could run code"
@@ -312,7 +332,7 @@ def prepare_run(config, out: Path, resume: bool, *, overwrite=False, changeable=
 
 # Every file elbolab writes into a run directory (a test keeps this list complete).
 RUN_FILES = frozenset({
-    CONFIG, CHECKPOINT, METRICS, "eval.json", "eval_datapoints.npz", "gaps.json", "gaps.png",
+    CONFIG, CHECKPOINT, METRICS, LOCK, "eval.json", "eval_datapoints.npz", "gaps.json", "gaps.png",
     "diagnose.json", "diagnose.nc", "diagnose_pairs.png", "rbm_eval.json", "rbm_eval.png",
     "iwae_ladder.png", "training.png", "reconstructions.png", "samples.png",
 })  # fmt: skip
@@ -393,6 +413,56 @@ def mark_folder(out: Path, kind: str) -> None:
         write_json(out / FOLDER_MARKER, {"kind": kind, MARKER: __version__})
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _lock_owner(out: Path) -> int | None:
+    """The pid of a live process holding ``out``'s lock, or None."""
+    try:
+        pid = int((Path(out) / LOCK).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 and pid != os.getpid() and _pid_alive(pid) else None
+
+
+def check_unlocked(out: Path) -> None:
+    """Raise :class:`RunError` when another live process trains into ``out``."""
+    pid = _lock_owner(out)
+    if pid is not None:
+        raise RunError(
+            f"{out} is being written by another elbolab process (pid {pid}); wait for it to "
+            f"finish, or remove {Path(out) / LOCK} if that process is not elbolab"
+        )
+
+
+@contextmanager
+def run_lock(out: Path):
+    """Hold ``out/train.lock`` (our pid) while training; a stale lock (dead pid) is taken over."""
+    path = Path(out) / LOCK
+    check_unlocked(out)
+    path.unlink(missing_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:  # another process won the race between the check and here
+        check_unlocked(out)
+        raise RunError(f"{out} is being written by another elbolab process") from None
+    try:
+        os.write(fd, str(os.getpid()).encode())
+    finally:
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def clear_run(out: Path) -> list[str]:
     """Make ``out`` ready for a new run; returns the names removed.
 
@@ -402,6 +472,7 @@ def clear_run(out: Path) -> list[str]:
     check_output_dir(out, ours_ok=True)
     if not Path(out).exists() or not any(Path(out).iterdir()):
         return []
+    check_unlocked(out)
     return remove_run_files(out)
 
 

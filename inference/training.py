@@ -24,6 +24,7 @@ from .runs import (
     RunError,
     load_checkpoint,
     read_metrics,
+    run_lock,
     save_checkpoint,
     write_json,
     write_metrics,
@@ -32,6 +33,10 @@ from .runs import (
 
 class TrainingDiverged(RunError):
     """The loss or the parameters became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C or SIGTERM; the message says what is kept and how to resume."""
 
 
 @dataclass
@@ -89,6 +94,12 @@ def fit(trainer: Trainer, config, out: Path, *, resume: bool, progress: bool) ->
         Every epoch's metrics, as in ``metrics.jsonl``.
     """
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        return _fit_locked(trainer, config, out, resume=resume, progress=progress)
+
+
+def _fit_locked(trainer: Trainer, config, out: Path, *, resume: bool, progress: bool):
     start_epoch, metrics = 0, []
     if resume:
         state = load_checkpoint(out)
@@ -98,22 +109,32 @@ def fit(trainer: Trainer, config, out: Path, *, resume: bool, progress: bool) ->
         metrics = [row for row in read_metrics(out) if row["epoch"] <= start_epoch]
     else:
         trainer.start(None)
-        out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG, config.to_dict())
     elapsed = metrics[-1]["elapsed"] if metrics else 0.0
+    done = start_epoch
     bar = tqdm(
         total=(config.epochs - start_epoch) * trainer.steps_per_epoch,
         disable=not progress,
         desc=trainer.desc,
         unit="step",
     )
-    with bar:
-        for epoch in range(start_epoch, config.epochs):
-            tic = time.perf_counter()
-            row = trainer.epoch(epoch, bar)
-            seconds = time.perf_counter() - tic
-            elapsed += seconds
-            metrics.append({"epoch": epoch + 1, **row, "seconds": seconds, "elapsed": elapsed})
-            write_metrics(out, metrics)
-            save_checkpoint(out, {"epoch": epoch + 1, **trainer.state()})
+    try:
+        with bar:
+            for epoch in range(start_epoch, config.epochs):
+                tic = time.perf_counter()
+                row = trainer.epoch(epoch, bar)
+                seconds = time.perf_counter() - tic
+                elapsed += seconds
+                metrics.append({"epoch": epoch + 1, **row, "seconds": seconds, "elapsed": elapsed})
+                write_metrics(out, metrics)
+                save_checkpoint(out, {"epoch": epoch + 1, **trainer.state()})
+                done = epoch + 1
+    except KeyboardInterrupt:
+        # Checkpoints are written atomically: the last complete one is intact.
+        kept = (
+            f"the checkpoint of epoch {done} is kept in {out}; continue with --resume (same --out)"
+            if done
+            else "no epoch had completed, so no checkpoint was written"
+        )
+        raise TrainingInterrupted(f"interrupted in epoch {done + 1}; {kept}") from None
     return metrics

@@ -1,16 +1,22 @@
 """Run directories are data, never code: checkpoints and config.json are checked, not trusted."""
 
+import errno
 import json
 import math
 import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from inference.commands.cli import main
-from inference.runs import RunError, TrainConfig, read_config
+from inference.runs import RunError, TrainConfig, read_config, read_metrics
 
 TINY = ["--hidden", "8", "--z-dim", "2", "--epochs", "1", "--batch-size", "512",
         "--num-particles", "2", "--no-progress"]  # fmt: skip
@@ -236,3 +242,149 @@ def test_every_command_works_for_small_k(tmp_path, capsys, k):
                  "--warmup", "20", "--num-particles", str(k), "--no-progress"]) == 0  # fmt: skip
     diagnosed = json.loads((run / "diagnose.json").read_text())
     assert diagnosed["khat"]["num_datapoints"] == 1
+
+
+# ---------------------------------------------------------------------------
+# Signals, full disks, two writers
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_train_keeps_a_consistent_checkpoint_and_says_how_to_resume(tmp_path, sig):
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--hidden", "8", "--z-dim", "2", "--batch-size", "256",
+            "--num-particles", "1", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inference.commands.cli", *args, "--epochs", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere inside a later epoch, or inside a checkpoint write
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.startswith("elbolab: interrupted in epoch") and err.count("\n") == 1, err
+    assert "--resume" in err and "Traceback" not in err
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert f"the checkpoint of epoch {state['epoch']} is kept" in err
+    assert not (run / "train.lock").exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no half-written file
+    assert main([*args, "--resume", "--epochs", str(state["epoch"] + 1)]) == 0
+    assert len(read_metrics(run)) == state["epoch"] + 1
+
+
+def test_full_disk_leaves_the_previous_files_intact(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *TINY]) == 0
+    assert main(["evaluate", str(run), "--k", "1,5", "--no-progress"]) == 0
+    checkpoint, report = (run / "checkpoint.pt").read_bytes(), (run / "eval.json").read_text()
+    capsys.readouterr()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    code = main(["train", "--out", str(run), "--resume", *TINY, "--epochs", "2"])
+    _one_line(capsys, code, "cannot write", "checkpoint.pt: No space left on device",
+              "the previous checkpoint.pt is intact")  # fmt: skip
+    monkeypatch.undo()
+    assert (run / "checkpoint.pt").read_bytes() == checkpoint
+    monkeypatch.setattr(Path, "write_text", full)
+    code = main(["evaluate", str(run), "--k", "1,10", "--no-progress"])
+    _one_line(capsys, code, "eval.json: No space left on device", "previous eval.json is intact")
+    monkeypatch.undo()
+    assert (run / "eval.json").read_text() == report
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    assert not (run / "train.lock").exists()
+
+
+def test_two_trainers_cannot_write_one_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *TINY]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    other = subprocess.Popen(["sleep", "60"])  # a live process holding the lock
+    try:
+        (run / "train.lock").write_text(str(other.pid))
+        capsys.readouterr()
+        for args in (["train", "--out", str(run), "--resume", *TINY, "--epochs", "2"],
+                     ["demo", "--out", str(run), "--overwrite", "--no-progress"]):  # fmt: skip
+            _one_line(capsys, main(args), f"another elbolab process (pid {other.pid})")
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != "train.lock"} == before
+    finally:
+        other.kill()
+        other.wait()
+    # the holder is gone: its stale lock is taken over
+    assert main(["train", "--out", str(run), "--resume", *TINY, "--epochs", "2"]) == 0
+    assert not (run / "train.lock").exists()
+
+
+# name -> (change to config.json, or a callable on the run directory; what the line must say)
+BAD_RUNS = {
+    "hidden 10^9": ({"hidden": [10**9]}, "--hidden must be at most"),
+    "z-dim 10^9": ({"z_dim": 10**9}, "--z-dim must be at most"),
+    "negative width": ({"hidden": [-1]}, "--hidden must be >= 1"),
+    "empty hidden": ({"hidden": []}, "at least one layer size"),
+    "string K": ({"num_particles": "5"}, "'num_particles' must be int"),
+    "string lr": ({"lr": "fast"}, "'lr' must be float"),
+    "infinite lr": ({"lr": float("inf")}, "--lr must be finite"),
+    "string seed": ({"seed": "x"}, "'seed' must be int"),
+    "zero batch": ({"batch_size": 0}, "--batch-size must be >= 1"),
+    "negative epochs": ({"epochs": -3}, "--epochs must be >= 1"),
+    "unknown model": ({"model": "gpt"}, "--model 'gpt' is not one of"),
+    "unknown activation": ({"activation": "swish?"}, "--activation 'swish?' is not one of"),
+    "unknown objective": ({"objective": "magic"}, "--objective 'magic' is not one of"),
+    "unknown data": ({"data": "imagenet"}, "--data 'imagenet' is not one of"),
+    "guide type on a vae": ({"guide_type": "exact"}, "--guide-type needs --model linear-gau"),
+    "layers on a vae": ({"layers": 3}, "--layers needs --model hvae"),
+    "corruption on a vae": ({"corruption": "dropout:0.1"}, "--corruption needs --model hvae"),
+    "numeric data path": ({"data_path": 3}, "'data_path' must be str or None"),
+    "numeric device": ({"device": 5}, "'device' must be str"),
+    "extra not a dict": ({"extra": [1]}, "'extra' must be dict"),
+    "numeric model hash": ({"model_sha256": 123}, "'model_sha256' must be str or None"),
+    "unknown key": ({"colour": "blue"}, "unknown configuration keys: colour"),
+    "rbm kind": ({"kind": "rbm"}, "is a rbm run; use elbolab rbm evaluate"),
+    "missing data file": ({"data": "binarized-mnist", "data_path": "/nonexistent/m.npz"},
+                          "no such file"),
+    "wider than the checkpoint": ({"hidden": [16]}, "checkpoint does not match the configured"),
+    "other latent size": ({"z_dim": 3}, "checkpoint does not match the configured model"),
+    "another model": ({"model": "hvae"}, "checkpoint does not match the configured model"),
+    "defaults only": ("{}", "checkpoint does not match the configured model"),
+    "top-level list": ("[1, 2]", "expected a JSON object, got list"),
+    "top-level null": ("null", "expected a JSON object, got NoneType"),
+    "top-level string": ('"svi"', "expected a JSON object, got str"),
+    "deeply nested": ("[" * 100_000 + "]" * 100_000, "config.json"),
+    "invalid JSON": ('{"model": ', "is not valid JSON"),
+    "not UTF-8": (b"\xff\xfe\x00", "is not valid JSON"),
+    "truncated checkpoint": (lambda run: (run / "checkpoint.pt").write_bytes(b"PK\x03"),
+                             "cannot read"),
+    "no checkpoint": (lambda run: (run / "checkpoint.pt").unlink(), "has no checkpoint.pt"),
+    "no config": (lambda run: (run / "config.json").unlink(), "it has no config.json"),
+}  # fmt: skip
+
+
+def test_bad_run_directories_get_one_line_and_change_nothing(tmp_path, capsys):
+    """Every case: exit 1, one `elbolab: error:` line, no traceback, no file of the run changed."""
+    good = tmp_path / "good"
+    assert main(["train", "--out", str(good), *TINY]) == 0
+    saved = json.loads((good / "config.json").read_text())
+    capsys.readouterr()
+    for name, (change, message) in BAD_RUNS.items():
+        run = tmp_path / name.replace(" ", "_")
+        shutil.copytree(good, run)
+        if callable(change):
+            change(run)
+        elif isinstance(change, dict):
+            (run / "config.json").write_text(json.dumps({**saved, **change}))
+        else:
+            data = change if isinstance(change, bytes) else change.encode()
+            (run / "config.json").write_bytes(data)
+        before = {p.name: p.read_bytes() for p in run.iterdir()}
+        code = main(["evaluate", str(run), "--k", "1,2", "--limit", "10", "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith("elbolab: error:"), (name, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
+        assert message in err, (name, err)
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before, name
+    assert len(BAD_RUNS) >= 35

@@ -8,7 +8,9 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from ..data import DataError
@@ -36,17 +38,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``elbolab`` console script."""
+    """Entry point of the ``elbolab`` console script.
+
+    SIGTERM stops a command as Ctrl-C does: files are written atomically, so
+    what was written stays whole, and training says how to resume.
+    """
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
         return args.func(args)
     except USER_ERRORS as err:
         print(f"elbolab: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("elbolab: interrupted; checkpoints already written are kept", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        detail = str(err) or "interrupted; files already written are kept"
+        print(f"elbolab: {detail}", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
