@@ -1,0 +1,156 @@
+"""AIS and BDMC against exact values: linear-Gaussian evidence, grid quadrature, HMC invariance."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from inference.ais import (
+    _make_path,
+    annealed_log_marginal,
+    bdmc,
+    hmc_step,
+    temperature_schedule,
+)
+from inference.bounds import Bound, iwae_bound
+from inference.tracing import log_importance_weights
+from ppl_models import LinearGaussian
+
+
+def _poor_linear_gaussian(n=20):
+    """10-d data, 4-d latent; the guide is diagonal and misplaced: a poor proposal."""
+    torch.manual_seed(1)
+    lg = LinearGaussian(10, 4, guide_type="diagonal")
+    lg.set_params(weight=torch.randn(10, 4), loc=torch.randn(10), scale=0.6)
+    return lg.requires_grad_(False), lg.sample(n)
+
+
+def _mean(bound: Bound) -> tuple[float, float]:
+    return bound.mean()
+
+
+def test_schedules():
+    for kind in ("sigmoid", "linear"):
+        betas = temperature_schedule(100, kind)
+        assert betas.shape == (101,) and betas[0] == 0 and betas[-1] == 1
+        assert (betas.diff() > 0).all()
+    sigmoid = temperature_schedule(100, "sigmoid").diff()
+    assert sigmoid[0] < sigmoid[50] > sigmoid[-1]  # denser at both ends
+    assert temperature_schedule(1).tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="schedule"):
+        temperature_schedule(10, "cosine")
+
+
+def test_one_temperature_is_importance_sampling(float64):
+    lg, x = _poor_linear_gaussian(5)
+    pyro.set_rng_seed(3)
+    ais = annealed_log_marginal(lg.model, lg.guide, x, num_chains=50, num_temperatures=1)
+    pyro.set_rng_seed(3)
+    log_w = log_importance_weights(lg.model, lg.guide, x, num_particles=50)
+    assert torch.allclose(ais.log_weights, log_w, atol=1e-12)
+    assert torch.allclose(ais.value, iwae_bound(log_w).value, atol=1e-12)
+
+
+def test_ais_beats_iwae_at_equal_compute_on_a_poor_guide(float64):
+    lg, x = _poor_linear_gaussian()
+    exact = float(lg.log_marginal(x).mean())
+    pyro.set_rng_seed(0)
+    chains, temps, leapfrog = 16, 200, 5
+    ais = annealed_log_marginal(lg.model, lg.guide, x, num_chains=chains,
+                                num_temperatures=temps, leapfrog_steps=leapfrog)  # fmt: skip
+    mean, se = _mean(ais)
+    assert abs(mean - exact) < 4 * se, (mean, se, exact)
+    assert 0.4 < float(ais.acceptance.mean()) < 0.95  # the step size was adapted
+    # IWAE with as many model evaluations (one per temperature and leapfrog step)
+    log_w = log_importance_weights(lg.model, lg.guide, x, num_particles=chains * temps * leapfrog)
+    iwae, _ = _mean(iwae_bound(log_w))
+    assert abs(mean - exact) < abs(iwae - exact)
+
+
+def _nonlinear(n=4):
+    """z ~ N(0, I_2), x | z ~ N(tanh(A z) + 0.5 z_1^2, 0.3^2 I_3): log p(x) by quadrature."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 2, generator=gen, dtype=torch.float64) * 2
+
+    def mean(z):
+        return torch.tanh(z @ a.T) + 0.5 * z[..., :1] ** 2
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2, dtype=x.dtype), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(mean(z), 0.3).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(2, dtype=x.dtype), 1.2).to_event(1))
+
+    z_true = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    x = mean(z_true) + 0.3 * torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    grid = torch.linspace(-7, 7, 561, dtype=torch.float64)
+    step = float(grid[1] - grid[0])
+    zz = torch.cartesian_prod(grid, grid)  # (G, 2)
+    log_prior = dist.Normal(0.0, 1.0).log_prob(zz).sum(-1)
+    log_lik = dist.Normal(mean(zz)[:, None, :], 0.3).log_prob(x).sum(-1)  # (G, n)
+    exact = torch.logsumexp(log_prior[:, None] + log_lik, 0) + 2 * math.log(step)
+    return model, guide, x, exact
+
+
+def test_ais_on_a_nonlinear_model_against_grid_quadrature(float64):
+    model, guide, x, exact = _nonlinear()
+    pyro.set_rng_seed(0)
+    ais = annealed_log_marginal(model, guide, x, num_chains=32, num_temperatures=300,
+                                leapfrog_steps=5)  # fmt: skip
+    error = ais.value - exact
+    assert (error.abs() < 4 * ais.stderr + 0.02).all(), (error, ais.stderr)
+    assert abs(float(error.mean())) < 0.05
+
+
+def test_bdmc_sandwiches_the_exact_evidence_and_closes_with_more_temperatures(float64):
+    lg, x = _poor_linear_gaussian()
+    gaps = []
+    for temps in (20, 300):
+        pyro.set_rng_seed(0)
+        result = bdmc(lg.model, lg.guide, x, num_points=20, num_chains=8,
+                      num_temperatures=temps, leapfrog_steps=5)  # fmt: skip
+        exact = float(lg.log_marginal(result["x"]).mean())
+        (low, low_se), (high, high_se) = result["lower"].mean(), result["upper"].mean()
+        assert low - 4 * low_se <= exact <= high + 4 * high_se, (temps, low, exact, high)
+        gaps.append(high - low)
+    assert gaps[1] < gaps[0] / 2 and gaps[1] > -0.05
+
+
+def test_hmc_leaves_the_posterior_invariant(float64):
+    """Start at exact posterior draws of a linear-Gaussian model; 20 HMC steps at beta = 1
+    keep the mean and covariance (4000 chains: 4 s.e. on the mean, 10% on variances)."""
+    lg, x = _poor_linear_gaussian(1)
+    post = lg.exact_posterior(x)  # MultivariateNormal over z, batch (1,)
+    mean, cov = post.mean[0], post.covariance_matrix[0]
+    chains = 4000
+    path = _make_path(lg.model, lg.guide, (x,), {}, chains, "data", "guide")
+    path.start()
+    values = {"z": post.sample((chains,))}  # (chains, 1, 4)
+    step = 0.5 * cov.diagonal().sqrt().min().reshape(1)
+    for _ in range(20):
+        values, prob = hmc_step(path, values, 1.0, step, 5)
+    z = values["z"][:, 0]
+    assert 0.3 < float(prob.mean()) < 1.0
+    se = cov.diagonal().sqrt() / math.sqrt(chains)
+    assert ((z.mean(0) - mean).abs() < 4 * se * 3).all()  # chains are correlated over steps
+    assert torch.allclose(torch.cov(z.T).diagonal(), cov.diagonal(), rtol=0.1)
+
+
+def test_constrained_latents_are_refused(float64):
+    def model(x):
+        with pyro.plate("data", len(x)):
+            rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+            pyro.sample("x", dist.Poisson(rate), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("rate", dist.Gamma(3.0, 1.0))
+
+    with pytest.raises(ValueError, match="'rate' has .*real support|real support; site 'rate'"):
+        annealed_log_marginal(model, guide, torch.tensor([1.0, 2.0]), num_chains=2,
+                              num_temperatures=2)  # fmt: skip
