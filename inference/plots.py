@@ -199,3 +199,22 @@ def iwae_ladder(report: dict) -> tuple[list[int], list[float], list[float]]:
     items = sorted((int(k), v["mean"], v["stderr"]) for k, v in report["iwae"].items())
     ks, means, errs = zip(*items, strict=True) if items else ((), (), ())
     return list(ks), list(means), [e if math.isfinite(e) else 0.0 for e in errs]
+
+
+def plot_bdmc(report: dict, path: Path) -> Path:
+    """The BDMC sandwich against the number of temperatures: lower and upper bounds closing."""
+    rows = report["rows"]
+    temps = [r["temperatures"] for r in rows]
+    fig, ax = _pyplot().subplots(figsize=(5.5, 3.8))
+    for key, label, colour in (("lower", "forward AIS (lower)", "C0"),
+                               ("upper", "reverse AIS (upper)", "C3")):  # fmt: skip
+        means = [r[key]["mean"] for r in rows]
+        errs = [r[key]["stderr"] for r in rows]
+        ax.errorbar(temps, means, yerr=errs, marker="o", capsize=3, color=colour, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("temperatures")
+    ax.set_ylabel("log p(x), nats per datapoint")
+    ax.set_title(f"BDMC on {report['points']} simulated datapoints")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    return _save(fig, path)

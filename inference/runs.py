@@ -334,6 +334,7 @@ def prepare_run(config, out: Path, resume: bool, *, overwrite=False, changeable=
 RUN_FILES = frozenset({
     CONFIG, CHECKPOINT, METRICS, LOCK, "eval.json", "eval_datapoints.npz", "gaps.json", "gaps.png",
     "diagnose.json", "diagnose.nc", "diagnose_pairs.png", "rbm_eval.json", "rbm_eval.png",
+    "bdmc.json", "bdmc.png",
     "iwae_ladder.png", "training.png", "reconstructions.png", "samples.png",
 })  # fmt: skip
 # An output folder that is not a run (compare, experiment) carries this marker file.

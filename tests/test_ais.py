@@ -154,3 +154,37 @@ def test_constrained_latents_are_refused(float64):
     with pytest.raises(ValueError, match="'rate' has .*real support|real support; site 'rate'"):
         annealed_log_marginal(model, guide, torch.tensor([1.0, 2.0]), num_chains=2,
                               num_temperatures=2)  # fmt: skip
+
+
+def test_ais_and_bdmc_from_the_command_line(tmp_path, capsys):
+    import json
+
+    from inference.commands.cli import main
+
+    run = tmp_path / "vae"
+    tiny = ["--hidden", "16", "--z-dim", "2", "--epochs", "3", "--batch-size", "256",
+            "--num-particles", "2", "--no-progress"]  # fmt: skip
+    ais = ["--ais-chains", "4", "--ais-temperatures", "20", "--ais-leapfrog", "2"]
+    assert main(["train", "--out", str(run), *tiny]) == 0
+    assert main(["evaluate", str(run), "--k", "1,100", "--limit", "10", "--ais", *ais,
+                 "--no-progress"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "AIS-20" in out and "stochastic lower bound" in out
+    report = json.loads((run / "eval.json").read_text())
+    assert report["ais"]["num_temperatures"] == 20 and 0 < report["ais"]["acceptance"] <= 1
+    assert abs(report["ais"]["mean"] - report["iwae"]["100"]["mean"]) < 2.0
+
+    assert main(["bdmc", str(run), "--points", "5", "--temperatures", "5,50", "--chains", "4",
+                 "--leapfrog", "2", "--no-progress"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "lower (AIS)" in out and "upper (rev.)" in out
+    result = json.loads((run / "bdmc.json").read_text())
+    assert [r["temperatures"] for r in result["rows"]] == [5, 50]
+    assert (run / "bdmc.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert main(["gaps", str(run), "--logpx", "ais", *ais, "--limit", "10", "--k", "20",
+                 "--no-progress"]) == 0  # fmt: skip
+    gaps = json.loads((run / "gaps.json").read_text())
+    assert gaps["log_px_estimator"] == "AIS-20" and "cremer" in gaps
+    assert "log p(x) by AIS-20" in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--ais", "--ais-chains", "0", "--no-progress"]) == 1

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from ..data import DataError
 from ..runs import RunError
 from ..user_model import ModelError
-from . import compare, demo, diagnose, evaluate, experiment, gaps, rbm, train
+from . import bdmc, compare, demo, diagnose, evaluate, experiment, gaps, rbm, train
 from .flags import Parser
 
 # In the order ``elbolab --help`` lists them.
-COMMANDS = (train, evaluate, gaps, experiment, diagnose, compare, rbm, demo)
+COMMANDS = (train, evaluate, gaps, bdmc, experiment, diagnose, compare, rbm, demo)
 # TrainingDiverged is a RunError.
 USER_ERRORS = (DataError, RunError, ModelError)
 

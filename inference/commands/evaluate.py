@@ -12,9 +12,10 @@ import pyro
 import torch
 
 from .. import diagnostics
+from ..ais import ais_over_data
 from ..evaluation import evaluate_bounds
 from ..runs import RunError, atomic_write, check_device, load_run, write_json
-from .flags import add_flags, int_list
+from .flags import add_ais_flags, add_flags, ais_settings, int_list
 from .report import bound_table
 
 EVAL = "eval.json"
@@ -31,6 +32,7 @@ def evaluate_run(
     limit: int | None = None,
     device: str = "cpu",
     progress: bool = True,
+    ais: dict | None = None,
 ) -> dict:
     """Evaluate ELBO, IWAE-k and the ELBO decomposition of a trained run; write ``eval.json``.
 
@@ -48,6 +50,9 @@ def evaluate_run(
         Datapoints per vectorised pass.
     limit : int, optional
         Evaluate only the first ``limit`` datapoints of the split.
+    ais : dict, optional
+        Also estimate log p(x) by AIS with these settings (keyword arguments
+        of :func:`inference.ais.annealed_log_marginal`).
 
     Returns
     -------
@@ -100,6 +105,13 @@ def evaluate_run(
     if truth is not None:
         with torch.no_grad():
             report["generating_model_log_px"] = float(truth.log_marginal(x.cpu()).mean())
+    if ais is not None:
+        pyro.set_rng_seed(seed)
+        tic = time.perf_counter()
+        estimate = ais_over_data(model.model, model.guide, x, batch_size=batch_size,
+                                 progress=progress, **ais)  # fmt: skip
+        report["ais"] = ais_report(estimate, ais, time.perf_counter() - tic)
+        result["statistics"]["ais"] = estimate.value
     write_json(run_dir / EVAL, report)
     per_point = {
         "elbo": result["elbo"].value,
@@ -109,6 +121,17 @@ def evaluate_run(
     arrays = {k: v.cpu().numpy() for k, v in per_point.items()}
     atomic_write(run_dir / EVAL_DATAPOINTS, lambda tmp: _savez(tmp, arrays))
     return report
+
+
+def ais_report(estimate, settings: dict, seconds: float) -> dict:
+    """An AIS estimate as a report entry: its mean, Monte Carlo error and settings."""
+    return {
+        **estimate.summary(),
+        **settings,
+        "estimator": "AIS with HMC (stochastic lower bound)",
+        "acceptance": float(estimate.acceptance.mean()),
+        "seconds": seconds,
+    }
 
 
 def _savez(path: Path, arrays: dict) -> None:
@@ -122,9 +145,10 @@ def format_report(report: dict) -> str:
         f"{report['run']}: {report['split']} split, {report['num_datapoints']} datapoints, "
         f"{report['data']} ({report['binarization']}), seed {report['seed']}",
     ]
-    lines += bound_table(
-        {"ELBO": report["elbo"], **{f"IWAE-{k}": v for k, v in report["iwae"].items()}}
-    )
+    rows = {"ELBO": report["elbo"], **{f"IWAE-{k}": v for k, v in report["iwae"].items()}}
+    if "ais" in report:
+        rows[f"AIS-{report['ais']['num_temperatures']}"] = report["ais"]
+    lines += bound_table(rows)
     dec = report["decomposition"]
     kind = "analytic" if report["kl_analytic"] else "Monte Carlo"
     lines.append(
@@ -147,6 +171,14 @@ def format_report(report: dict) -> str:
         )
         if warning:
             lines.append(warning)
+    if "ais" in report:
+        a = report["ais"]
+        lines.append(
+            f"AIS: {a['num_chains']} chains x {a['num_temperatures']} temperatures "
+            f"({a['schedule']}), {a['leapfrog_steps']} leapfrog steps, mean acceptance "
+            f"{a['acceptance']:.2f} ({a['seconds']:.1f} s); a stochastic lower bound on log p(x), "
+            f"{a['mean'] - log_px['mean']:+.3f} from {log_px['estimator']}"
+        )
     if "exact_log_px" in report:
         lines.append(f"exact log p(x) of this model: {report['exact_log_px']:.3f}")
     if "generating_model_log_px" in report:
@@ -162,6 +194,8 @@ def add_parser(sub) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--k", type=int_list, default=[1, 10, 100, 1000], help="e.g. 1,10,100,1000")
     add_flags(p, "split", "batch_size", "limit", "seed", "device", "no_progress")
+    p.add_argument("--ais", action="store_true", help="also estimate log p(x) by AIS")
+    add_ais_flags(p)
     p.set_defaults(func=run)
 
 
@@ -175,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         device=args.device,
         progress=not args.no_progress,
+        ais=ais_settings(args) if args.ais else None,
     )
     print(format_report(report))
     return 0

@@ -7,7 +7,8 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from ..runs import is_elbolab_run, run_files_in
+from ..ais import SCHEDULES
+from ..runs import RunError, is_elbolab_run, run_files_in
 
 
 class Parser(argparse.ArgumentParser):
@@ -75,6 +76,30 @@ def add_flags(parser: argparse.ArgumentParser, *names: str, **defaults) -> None:
         shown = defaults.get(f"{name}_shown", options.get("default"))
         options["help"] = options["help"].format(default=shown)
         parser.add_argument(flag, **options)
+
+
+def add_ais_flags(parser: argparse.ArgumentParser) -> None:
+    """The settings of annealed importance sampling (see :mod:`inference.ais`)."""
+    group = parser.add_argument_group("AIS (annealed importance sampling with HMC)")
+    group.add_argument("--ais-chains", type=int, default=16, help="chains per datapoint (16)")
+    group.add_argument("--ais-temperatures", type=int, default=1000,
+                       help="temperatures from the guide to the posterior (1000)")  # fmt: skip
+    group.add_argument("--ais-leapfrog", type=int, default=10, help="leapfrog steps per HMC (10)")
+    group.add_argument("--ais-schedule", choices=SCHEDULES, default="sigmoid",
+                       help="spacing of the temperatures (sigmoid)")  # fmt: skip
+
+
+def ais_settings(args: argparse.Namespace) -> dict:
+    """The AIS flags as keyword arguments of :func:`inference.ais.annealed_log_marginal`."""
+    for flag in ("ais_chains", "ais_temperatures", "ais_leapfrog"):
+        if getattr(args, flag) < 1:
+            raise RunError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    return {
+        "num_chains": args.ais_chains,
+        "num_temperatures": args.ais_temperatures,
+        "leapfrog_steps": args.ais_leapfrog,
+        "schedule": args.ais_schedule,
+    }
 
 
 def replace(train: Callable[[], object], out, overwrite: bool) -> None:
