@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/exactness.py
 	$(BIN)/python benchmarks/bench_train_step.py
 	$(BIN)/python benchmarks/bench_iwae_eval.py
+	$(BIN)/python benchmarks/bench_ais.py
 	$(BIN)/python benchmarks/bench_gaps.py
 	$(BIN)/python benchmarks/bench_rbm.py
 

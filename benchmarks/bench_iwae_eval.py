@@ -22,36 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from common import ROOT, save, untrained_run
+from common import ROOT, matmul_rate, network_flops, save, untrained_run
 
 from inference.runs import TrainConfig, build
-
-
-def network_flops(x_dim: int, hidden: list[int], z_dim: int, k: int) -> float:
-    """Multiply-adds x 2 of one datapoint: encoder once, decoder once per particle."""
-    enc = [x_dim, *hidden, 2 * z_dim]
-    dec = [z_dim, *hidden[::-1], x_dim]
-
-    def cost(sizes):
-        return sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=False))
-
-    return cost(enc) + k * cost(dec)
-
-
-def matmul_rate(rows: int, sizes: list[int], repeats: int = 20) -> float:
-    """FLOP/s of the decoder's matrix products alone (no bias, no activation)."""
-    mats = [torch.randn(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=False)]
-    h0 = torch.randn(rows, sizes[0])
-    flops = sum(2 * rows * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=False))
-    best = float("inf")
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        h = h0
-        for m in mats:
-            h = h @ m
-        best = min(best, time.perf_counter() - tic)
-    return flops / best
 
 
 def main() -> None:
