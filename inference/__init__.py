@@ -10,10 +10,12 @@ Where things are (the command line lives apart, in :mod:`inference.commands`):
 - :mod:`.objectives`: training objectives (ELBO, IWAE, DReG).
 - :mod:`.hierarchical`, :mod:`.surgery`, :mod:`.amortization`: the bounds of
   multi-layer encoders, the aggregate posterior, the Cremer split.
+- :mod:`.ais`: annealed importance sampling with HMC and the BDMC sandwich.
 - :mod:`.partition`, :mod:`.contrastive`: RBM log Z and CD/PCD training.
 - :mod:`.reference`, :mod:`.diagnostics`: NUTS references, PSIS k-hat, ArviZ.
 - :mod:`.training`, :mod:`.svi`, :mod:`.runs`, :mod:`.data`: the training
-  skeleton, SVI on it, run directories, data sets.
+  skeleton, SVI on it, run directories, data sets; :mod:`.user_model`, a
+  user's own model named on the command line.
 - :mod:`.plots`: figures.
 
 The library never parses arguments and never prints (progress bars aside).
