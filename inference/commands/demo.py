@@ -10,7 +10,7 @@ from ..plots import plot_images, plot_iwae_ladder, plot_training
 from ..runs import TrainConfig, load_run, read_metrics
 from ..svi import train
 from .evaluate import evaluate_run, format_report
-from .flags import add_flags, replace
+from .flags import add_flags, train_from_args
 
 
 def add_parser(sub) -> None:
@@ -30,8 +30,7 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=128, seed=args.seed,
     )  # fmt: skip
     print(f"elbolab demo: VAE on digits, IWAE objective with K=5, {args.epochs} epochs")
-    replace(lambda: train(config, out, overwrite=args.overwrite, progress=not args.no_progress),
-            out, args.overwrite)  # fmt: skip
+    train_from_args(train, config, args)
     report = evaluate_run(out, ks=(1, 10, 100, 1000), split="test", seed=args.seed,
                           progress=not args.no_progress)  # fmt: skip
     print(format_report(report))

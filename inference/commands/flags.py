@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..ais import SCHEDULES
-from ..runs import RunError, is_elbolab_run, run_files_in
+from ..runs import RunError, is_elbolab_run, read_metrics, run_files_in
 
 
 class Parser(argparse.ArgumentParser):
@@ -102,12 +102,18 @@ def ais_settings(args: argparse.Namespace) -> dict:
     }
 
 
-def replace(train: Callable[[], object], out, overwrite: bool) -> None:
-    """Run ``train`` (which replaces the run in ``out`` when ``overwrite``), then say what went."""
-    removed = [p.name for p in run_files_in(Path(out))] if overwrite and is_elbolab_run(out) else []
-    train()
+def train_from_args(trainer: Callable, config, args: argparse.Namespace) -> dict:
+    """``trainer(config, --out)`` with --resume, --overwrite and progress from ``args``.
+
+    Says which files --overwrite removed; returns the last line of metrics.jsonl.
+    """
+    out, overwrite = Path(args.out), getattr(args, "overwrite", False)
+    removed = [p.name for p in run_files_in(out)] if overwrite and is_elbolab_run(out) else []
+    trainer(config, out, resume=getattr(args, "resume", False), overwrite=overwrite,
+            progress=not args.no_progress)  # fmt: skip
     if removed:
         print(f"--overwrite: removed {', '.join(removed)} from {out}")
+    return read_metrics(out)[-1]
 
 
 def config_from(args: argparse.Namespace, config):

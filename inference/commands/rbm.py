@@ -19,7 +19,7 @@ from ..partition import (
 )
 from ..plots import plot_rbm
 from ..runs import read_metrics, write_json
-from .flags import Parser, add_flags, config_from, replace
+from .flags import Parser, add_flags, config_from, train_from_args
 from .report import table
 
 RBM_EVAL = "rbm_eval.json"
@@ -166,12 +166,7 @@ def add_parser(sub) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     config = config_from(args, RBMConfig())
-    replace(
-        lambda: train_rbm(config, args.out, resume=args.resume, overwrite=args.overwrite,
-                          progress=not args.no_progress),
-        args.out, args.overwrite,
-    )  # fmt: skip
-    last = read_metrics(args.out)[-1]
+    last = train_from_args(train_rbm, config, args)
     exact = last.get("exact_log_likelihood")
     print(
         f"trained {last['epoch']} epochs ({last['method']}) in {last['elapsed']:.1f} s: "

@@ -9,9 +9,9 @@ from ppl_models import MODELS
 from .. import user_model
 from ..data import DATASETS
 from ..objectives import OBJECTIVES
-from ..runs import TrainConfig, read_metrics
+from ..runs import TrainConfig
 from ..svi import train
-from .flags import add_flags, config_from, int_list, replace
+from .flags import add_flags, config_from, int_list, train_from_args
 
 
 def model_name(text: str) -> str:
@@ -61,12 +61,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from(args, TrainConfig())
-    replace(
-        lambda: train(config, args.out, resume=args.resume, overwrite=args.overwrite,
-                      progress=not args.no_progress),
-        args.out, args.overwrite,
-    )  # fmt: skip
-    last = read_metrics(args.out)[-1]
+    last = train_from_args(train, config, args)
     heldout = next(k for k in last if k.endswith("_elbo"))
     print(
         f"trained {last['epoch']} epochs in {last['elapsed']:.1f} s: training bound "
