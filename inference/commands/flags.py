@@ -1,4 +1,8 @@
-"""The argparse pieces every command shares: one-line errors, list types, the common flags."""
+"""The argparse pieces every command shares.
+
+One-line errors, list types, the common and AIS flags, and running a
+trainer from the command line.
+"""
 
 from __future__ import annotations
 
