@@ -1,13 +1,19 @@
-"""Bounds of one model over a whole data set: batches of datapoints, particles in chunks."""
+"""Bounds of one model over a whole data set: batches of datapoints, particles in chunks.
+
+Also perplexity, the per-word form in which document models report log p(x).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .bounds import Bound, elbo_bound, iwae_bound
+from ppl_models.text import log_multinomial_coefficient
+
+from .bounds import Bound, elbo_bound, iwae_bound, summary
 from .tracing import elbo_decomposition, log_importance_weights
 
 
@@ -80,3 +86,26 @@ def evaluate_bounds(
         "statistics": _prefixed(cat, "statistics"),
         "kl_analytic": bool(cat["kl_analytic"].all()),
     }
+
+
+def perplexity(entry: Mapping, counts: torch.Tensor) -> dict:
+    """Per-word perplexity from a split-average of log p(x) over documents ``counts``.
+
+    ``entry`` is a report entry (``mean`` of log p(bag) per document, its
+    ``stderr`` and ``error``). Perplexity is defined from the probability of
+    the words in their order, log p(bag) - log(N_d! / prod_w x_w!) (NVDM,
+    ProdLDA): exp(-sum_d (log p(x_d) - log C(x_d)) / sum_d N_d). A lower bound
+    on log p(x) gives an upper bound on perplexity; the standard error is
+    carried over by the delta method.
+    """
+    n = counts.shape[0]
+    coefficient = float(log_multinomial_coefficient(counts.double()).sum()) / n
+    words = float(counts.sum()) / n
+    value = math.exp(-(entry["mean"] - coefficient) / words)
+    return summary(value, value * entry["stderr"] / words, entry["error"])
+
+
+def unigram_perplexity(counts: torch.Tensor, word_counts: torch.Tensor) -> float:
+    """Perplexity of ``counts`` under the training word frequencies (add-one), no latent."""
+    log_p = torch.log((word_counts.double() + 1) / (word_counts.double() + 1).sum())
+    return math.exp(-float((counts.double() * log_p).sum() / counts.sum()))

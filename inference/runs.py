@@ -23,11 +23,11 @@ from typing import ClassVar
 import torch
 
 from ppl_models import MODELS, build_model
-from ppl_models.hierarchical import parse_corruption
+from ppl_models.hierarchical import TEXT_CORRUPTIONS, parse_corruption
 from ppl_models.nets import ACTIVATIONS
 
 from . import __version__, user_model
-from .data import DATASETS, Dataset, load_dataset
+from .data import DATASETS, TEXT_DATASETS, Dataset, load_dataset
 from .objectives import OBJECTIVES
 
 CONFIG = "config.json"
@@ -70,6 +70,7 @@ def _check_type(name: str, value, annotation: str):
 SIZE_LIMITS = {
     "hidden": 16_384, "z_dim": 16_384, "layers": 16, "num_particles": 1_000_000,
     "batch_size": 10_000_000, "epochs": 1_000_000, "cd_steps": 10_000,
+    "max_vocab": 1_000_000,
 }  # fmt: skip
 # The configuration fields that only some built-in models take.
 MODEL_FIELDS = {"guide_type": ("linear-gaussian",), "layers": ("hvae",), "corruption": ("hvae",),
@@ -145,6 +146,8 @@ class TrainConfig(RunConfig):
     guide_type: str | None = None
     layers: int | None = None
     corruption: str | None = None
+    min_count: int | None = None  # text data: vocabulary options (see inference.data)
+    max_vocab: int | None = None
     device: str = "cpu"
     model_sha256: str | None = None  # of a user model's file (see inference.user_model)
     extra: dict = field(default_factory=dict)
@@ -184,6 +187,18 @@ class TrainConfig(RunConfig):
                 raise RunError("--corruption needs --model hvae (it is the encoder's first layer)")
             if self.layers is not None and self.layers < 2:
                 raise RunError("--corruption is the first of at least 2 layers: use --layers 2+")
+            text = self.corruption.partition(":")[0] in TEXT_CORRUPTIONS
+            if text != (self.data in TEXT_DATASETS):
+                needs = "text data" if text else "image data"
+                raise RunError(f"--corruption {self.corruption} needs {needs}, not {self.data}")
+        self.check_positive("min_count", "max_vocab")
+        if self.data not in TEXT_DATASETS:
+            for name in ("min_count", "max_vocab"):
+                if getattr(self, name) is not None:
+                    raise RunError(
+                        f"--{name.replace('_', '-')} shapes a vocabulary: it needs text data "
+                        f"({', '.join(TEXT_DATASETS)}), not {self.data}"
+                    )
         return self
 
 
@@ -546,14 +561,24 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> None:
 
 def build(config: TrainConfig) -> tuple[Dataset, torch.nn.Module]:
     """The data set and a freshly initialised model for ``config``."""
-    dataset = load_dataset(config.data, path=config.data_path)
+    dataset = load_dataset(
+        config.data, path=config.data_path, min_count=config.min_count, max_vocab=config.max_vocab
+    )
     if user_model.is_reference(config.model):
         model = user_model.build_user_model(
             config.model, x_dim=dataset.x_dim, likelihood=dataset.likelihood,
             hidden=config.hidden, z_dim=config.z_dim, activation=config.activation,
         )  # fmt: skip
         return dataset, model
-    model = build_model(
+    try:
+        model = _build_builtin(config, dataset)
+    except ValueError as err:  # a combination the model cannot take, e.g. images for text
+        raise RunError(f"--model {config.model} on {config.data}: {err}") from None
+    return dataset, model
+
+
+def _build_builtin(config: TrainConfig, dataset: Dataset) -> torch.nn.Module:
+    return build_model(
         config.model,
         x_dim=dataset.x_dim,
         likelihood=dataset.likelihood,
@@ -563,8 +588,8 @@ def build(config: TrainConfig) -> tuple[Dataset, torch.nn.Module]:
         guide_type=config.guide_type,
         layers=config.layers,
         corruption=config.corruption,
+        word_counts=dataset.word_counts if config.corruption else None,
     )
-    return dataset, model
 
 
 def load_run(run_dir: Path, *, device: str = "cpu") -> tuple[TrainConfig, Dataset, torch.nn.Module]:

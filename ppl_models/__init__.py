@@ -21,13 +21,13 @@ def build_model(name: str, *, x_dim: int, likelihood: str = "bernoulli", **optio
         Observation model, for the VAE.
     **options
         Keyword arguments of the model's constructor (``hidden``, ``z_dim``,
-        ``activation``, ``guide_type``, ``layers``, ``corruption``); ``None``
-        values take the defaults.
+        ``activation``, ``guide_type``, ``layers``, ``corruption``,
+        ``word_counts``); ``None`` values take the defaults.
     """
     options = {k: v for k, v in options.items() if v is not None}
     if name == "vae":
-        options.pop("layers", None)
-        options.pop("corruption", None)
+        for key in ("layers", "corruption", "word_counts"):
+            options.pop(key, None)
         return VAE(x_dim, likelihood=likelihood, **options)
     if name == "hvae":
         options.pop("guide_type", None)
@@ -35,7 +35,7 @@ def build_model(name: str, *, x_dim: int, likelihood: str = "bernoulli", **optio
     if name == "linear-gaussian":
         if likelihood != "normal":
             raise ValueError("linear-gaussian is a Normal-likelihood model; use real-valued data")
-        for key in ("hidden", "activation", "layers", "corruption"):
+        for key in ("hidden", "activation", "layers", "corruption", "word_counts"):
             options.pop(key, None)
         return LinearGaussian(x_dim, **options)
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")

@@ -23,8 +23,13 @@ The denoising criterion (Im, Ahn, Memisevic & Bengio 2017) is the same
 structure with a fixed, parameter-free first layer: h_1 = x~ drawn from a
 corruption p(x~ | x), then q(z | x~). ``corruption`` is ``"salt-pepper:P"``
 (each pixel replaced by a fair coin with probability P; binary data),
-``"dropout:P"`` (each pixel set to 0 with probability P; binary data) or
-``"gaussian:S"`` (x~ = x + N(0, S^2)).
+``"dropout:P"`` (each pixel set to 0 with probability P; binary data),
+``"gaussian:S"`` (x~ = x + N(0, S^2)), or, for word counts, word dropout
+(:mod:`ppl_models.text`): ``"word-dropout:P"`` (each token replaced by
+``<unk>`` with probability P) or ``"word-dropout-freq:A"`` (a token of word w
+replaced with probability A / (c(w) + A), c(w) the word's training count).
+Its reverse model r(x~ | z, x) is the same family with learned
+probabilities.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from .nets import mlp
+from .text import WordDropout, keep_logits
 from .vae import _MIN_SCALE, LatentDecoderModel, data_plate, default_layout
 
-CORRUPTIONS = ("salt-pepper", "dropout", "gaussian")
+TEXT_CORRUPTIONS = ("word-dropout", "word-dropout-freq")
+CORRUPTIONS = ("salt-pepper", "dropout", "gaussian", *TEXT_CORRUPTIONS)
 
 
 def parse_corruption(spec: str | None) -> tuple[str, float] | None:
@@ -56,7 +63,9 @@ def parse_corruption(spec: str | None) -> tuple[str, float] | None:
         raise ValueError(f"corruption {spec!r}: expected KIND:NUMBER, e.g. {kind}:0.1") from None
     if kind == "gaussian" and not level > 0:
         raise ValueError(f"corruption {spec!r}: the Gaussian scale must be > 0")
-    if kind != "gaussian" and not 0 < level < 1:
+    if kind == "word-dropout-freq" and not 0 < level < float("inf"):
+        raise ValueError(f"corruption {spec!r}: alpha must be finite and > 0")
+    if kind not in ("gaussian", "word-dropout-freq") and not 0 < level < 1:
         raise ValueError(f"corruption {spec!r}: the probability must lie in (0, 1)")
     return kind, level
 
@@ -85,6 +94,17 @@ class _BernoulliLayer(nn.Module):
         return dist.Bernoulli(logits=self.net(inputs)).to_event(1)
 
 
+class _WordKeepLayer(nn.Module):
+    """r(x~ | above, x) for word dropout: input -> MLP -> each word's keeping logit."""
+
+    def __init__(self, sizes: Sequence[int], out_dim: int, activation: str) -> None:
+        super().__init__()
+        self.net = mlp([*sizes, out_dim], activation=activation)
+
+    def forward(self, inputs: torch.Tensor, counts: torch.Tensor) -> dist.Distribution:
+        return WordDropout(counts, self.net(inputs))
+
+
 class HierarchicalVAE(LatentDecoderModel):
     """VAE with an L-layer stochastic encoder and a learned reverse model r(h | z, x).
 
@@ -106,6 +126,9 @@ class HierarchicalVAE(LatentDecoderModel):
         As for :class:`VAE`.
     corruption : str, optional
         Fixed first layer for the denoising criterion (see module docs).
+    word_counts : torch.Tensor, optional
+        Each vocabulary word's count in the training corpus, for
+        ``word-dropout-freq`` (kept as a buffer, so the checkpoint has it).
     """
 
     def __init__(
@@ -119,6 +142,7 @@ class HierarchicalVAE(LatentDecoderModel):
         activation: str = "tanh",
         likelihood: str = "bernoulli",
         corruption: str | None = None,
+        word_counts: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if layers < 1:
@@ -126,9 +150,22 @@ class HierarchicalVAE(LatentDecoderModel):
         self.corruption = parse_corruption(corruption)
         if self.corruption and layers < 2:
             raise ValueError("a corruption is the first of at least 2 stochastic layers")
-        if self.corruption and self.corruption[0] != "gaussian" and likelihood != "bernoulli":
-            raise ValueError(f"{self.corruption[0]} corruption needs binary data")
-        default_hidden, default_z = default_layout(x_dim)
+        kind = self.corruption[0] if self.corruption else None
+        self.word_dropout = kind in TEXT_CORRUPTIONS
+        if (likelihood == "multinomial") != self.word_dropout and kind is not None:
+            needs = "word counts" if self.word_dropout else "images, not word counts"
+            raise ValueError(f"{kind} corruption needs {needs}")
+        if kind in ("salt-pepper", "dropout") and likelihood != "bernoulli":
+            raise ValueError(f"{kind} corruption needs binary data")
+        if self.word_dropout:
+            if word_counts is None and kind == "word-dropout-freq":
+                raise ValueError("word-dropout-freq needs the training corpus's word_counts")
+            counts = torch.ones(x_dim) if word_counts is None else torch.as_tensor(word_counts)
+            if counts.shape != (x_dim,):
+                raise ValueError(f"word_counts needs shape ({x_dim},), got {tuple(counts.shape)}")
+            logits = keep_logits(kind, self.corruption[1], counts.float())
+            self.register_buffer("word_keep_logits", logits)
+        default_hidden, default_z = default_layout(x_dim, likelihood)
         self.x_dim, self.layers = int(x_dim), int(layers)
         self.hidden = tuple(hidden) if hidden is not None else default_hidden
         self.z_dim = int(z_dim) if z_dim is not None else default_z
@@ -151,14 +188,21 @@ class HierarchicalVAE(LatentDecoderModel):
         reverse = []
         for i, size in enumerate(self.h_dims):
             above = self.h_dims[i + 1] if i + 1 < len(self.h_dims) else self.z_dim
-            binary = self.corruption is not None and i == 0 and self.corruption[0] != "gaussian"
-            layer = _BernoulliLayer if binary else _GaussianLayer
+            first = self.corruption is not None and i == 0
+            if first and self.word_dropout:
+                layer = _WordKeepLayer
+            elif first and self.corruption[0] != "gaussian":
+                layer = _BernoulliLayer
+            else:
+                layer = _GaussianLayer
             reverse.append(layer([above + self.x_dim, *self.hidden], size, activation))
         self.reverse = nn.ModuleList(reverse)
 
     def corruption_dist(self, x: torch.Tensor) -> dist.Distribution:
         """The fixed p(x~ | x) of the denoising criterion."""
         kind, level = self.corruption
+        if self.word_dropout:
+            return WordDropout(x, self.word_keep_logits)
         if kind == "gaussian":
             return dist.Normal(x, torch.full_like(x, level)).to_event(1)
         if kind == "salt-pepper":
@@ -169,6 +213,8 @@ class HierarchicalVAE(LatentDecoderModel):
         """q of encoder layer ``layer`` (0-based; the last is z) given the layer below."""
         if self.corruption and layer == 0:
             return self.corruption_dist(x)
+        if layer == 0 or (self.corruption and layer == 1):  # x, or the corrupted x~
+            inputs = self.encoder_input(inputs)
         return self.encoder[layer - (1 if self.corruption else 0)](inputs)
 
     def guide(self, x: torch.Tensor, *, num_data: int | None = None) -> torch.Tensor:
@@ -181,12 +227,15 @@ class HierarchicalVAE(LatentDecoderModel):
     def reverse_dist(self, level: int, above: torch.Tensor, x: torch.Tensor):
         """r(h_level | h_{level+1} (or z), x), for ``level`` counted from 0."""
         x = x.expand(above.shape[:-1] + x.shape[-1:])
-        return self.reverse[level](torch.cat([above, x], dim=-1))
+        inputs = torch.cat([above, self.encoder_input(x)], dim=-1)
+        if level == 0 and self.word_dropout:
+            return self.reverse[level](inputs, x)
+        return self.reverse[level](inputs)
 
     def model(self, x: torch.Tensor, *, num_data: int | None = None) -> None:
         with data_plate(x, num_data):
             z = pyro.sample("z", self.prior(x))
-            pyro.sample("x", self.likelihood_dist(z), obs=x)
+            pyro.sample("x", self.likelihood_dist(z, x), obs=x)
             above = z
             for level in reversed(range(len(self.h_names))):
                 above = pyro.sample(self.h_names[level], self.reverse_dist(level, above, x))

@@ -7,7 +7,8 @@ Generative model and encoder (Kingma & Welling 2014; Burda et al. 2016)::
              or N(f_theta(z_n), diag(sigma_theta^2))   (real-valued data)
     q_phi(z_n | x_n) = N(mu_phi(x_n), diag(s_phi(x_n)^2))
 
-for n in the plate ``"data"``. Passing ``num_data=N`` with a minibatch of B
+for n in the plate ``"data"``. On word counts (``likelihood="multinomial"``)
+the same pair is NVDM, a document model: see :mod:`ppl_models.text`. Passing ``num_data=N`` with a minibatch of B
 rows makes the plate scale each datapoint's terms by N/B, so that losses are
 unbiased estimates of the full-data objective.
 """
@@ -23,8 +24,9 @@ from pyro.nn import PyroModule
 from torch.nn import functional as F
 
 from .nets import mlp
+from .text import BagOfWords
 
-LIKELIHOODS = ("bernoulli", "normal")
+LIKELIHOODS = ("bernoulli", "normal", "multinomial")
 _MIN_SCALE = 1e-4
 
 
@@ -57,12 +59,16 @@ class BernoulliLogits(dist.Bernoulli):
         return torch.addcmul(out, value, self.logits)
 
 
-def default_layout(x_dim: int) -> tuple[tuple[int, ...], int]:
+def default_layout(x_dim: int, likelihood: str = "bernoulli") -> tuple[tuple[int, ...], int]:
     """Hidden sizes and latent size: the IWAE paper's 784-200-200-50, scaled to ``x_dim``.
 
     For 784 inputs this is exactly (200, 200) and 50; for smaller inputs every
     width shrinks in proportion, with floors of 64 hidden units and 8 latents.
+    Document models (``"multinomial"``) take (200, 200) and 20 latents
+    whatever the vocabulary.
     """
+    if likelihood == "multinomial":
+        return (200, 200), 20
     s = x_dim / 784
     hidden = max(64, round(200 * s))
     return (hidden, hidden), max(8, round(50 * s))
@@ -89,29 +95,50 @@ class LatentDecoderModel(PyroModule):
     def build_decoder(
         self, *, x_dim: int, hidden: Sequence[int], z_dim: int, activation: str, likelihood: str
     ) -> None:
-        """Create the decoder (and the Normal likelihood's per-dimension scale)."""
+        """Create the decoder (and the Normal likelihood's per-dimension scale).
+
+        The decoder mirrors the encoder's hidden widths; for word counts it
+        is NVDM's linear map, logits = R z + b.
+        """
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {likelihood!r}; choose from {LIKELIHOODS}")
         self.likelihood = likelihood
-        self.decoder = mlp([z_dim, *list(hidden)[::-1], x_dim], activation=activation)
+        widths = [] if likelihood == "multinomial" else list(hidden)[::-1]
+        self.decoder = mlp([z_dim, *widths, x_dim], activation=activation)
         if likelihood == "normal":
             self.x_scale_raw = torch.nn.Parameter(torch.zeros(x_dim))
 
     def init_from_data(self, x: torch.Tensor) -> None:
-        """Set the decoder's output bias to the data mean (logit of it for binary data)."""
+        """Set the decoder's output bias to the data mean (logit of it for binary data).
+
+        For word counts: the log of each word's frequency in ``x``.
+        """
         mean = x.mean(0).to(self.decoder[-1].bias)
         with torch.no_grad():
-            if self.likelihood == "bernoulli":
+            if self.likelihood == "multinomial":
+                self.decoder[-1].bias.copy_(torch.log((mean + 1e-3) / (mean + 1e-3).sum()))
+            elif self.likelihood == "bernoulli":
                 p = mean.clamp(1e-3, 1 - 1e-3)
                 self.decoder[-1].bias.copy_(torch.log(p) - torch.log1p(-p))
             else:
                 self.decoder[-1].bias.copy_(mean)
 
-    def likelihood_dist(self, z: torch.Tensor) -> dist.Distribution:
-        """p(x | z) with the data dimension as its event."""
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder's networks see of data ``x``: log(1 + x) for word counts."""
+        return torch.log1p(x) if self.likelihood == "multinomial" else x
+
+    def likelihood_dist(self, z: torch.Tensor, x: torch.Tensor | None = None) -> dist.Distribution:
+        """p(x | z) with the data dimension as its event.
+
+        For word counts the document length is given: that of ``x`` (one
+        word when ``x`` is None, so that the mean is the word distribution).
+        """
         out = self.decoder(z)
         if self.likelihood == "bernoulli":
             return BernoulliLogits(out).to_event(1)
+        if self.likelihood == "multinomial":
+            total = x.sum(-1) if x is not None else out.new_ones(())
+            return BagOfWords(out, total)
         return dist.Normal(out, F.softplus(self.x_scale_raw) + _MIN_SCALE).to_event(1)
 
     def prior(self, like: torch.Tensor) -> dist.Distribution:
@@ -122,7 +149,7 @@ class LatentDecoderModel(PyroModule):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of p(x | z) at the mean of ``posterior(x)``."""
-        return self.likelihood_dist(self.posterior(x).mean).mean
+        return self.likelihood_dist(self.posterior(x).mean, x).mean
 
     @torch.no_grad()
     def sample(self, num_samples: int) -> torch.Tensor:
@@ -163,7 +190,7 @@ class VAE(LatentDecoderModel):
         likelihood: str = "bernoulli",
     ) -> None:
         super().__init__()
-        default_hidden, default_z = default_layout(x_dim)
+        default_hidden, default_z = default_layout(x_dim, likelihood)
         self.x_dim = int(x_dim)
         self.hidden = tuple(hidden) if hidden is not None else default_hidden
         self.z_dim = int(z_dim) if z_dim is not None else default_z
@@ -173,13 +200,13 @@ class VAE(LatentDecoderModel):
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         """The encoder's q(z | x)."""
-        loc, raw = self.encoder(x).split(self.z_dim, dim=-1)
+        loc, raw = self.encoder(self.encoder_input(x)).split(self.z_dim, dim=-1)
         return dist.Normal(loc, F.softplus(raw) + _MIN_SCALE).to_event(1)
 
     def model(self, x: torch.Tensor, *, num_data: int | None = None) -> torch.Tensor:
         with data_plate(x, num_data):
             z = pyro.sample("z", self.prior(x))
-            return pyro.sample("x", self.likelihood_dist(z), obs=x)
+            return pyro.sample("x", self.likelihood_dist(z, x), obs=x)
 
     def guide(self, x: torch.Tensor, *, num_data: int | None = None) -> torch.Tensor:
         with data_plate(x, num_data):

@@ -13,10 +13,10 @@ import torch
 
 from .. import diagnostics
 from ..ais import ais_over_data
-from ..evaluation import evaluate_bounds
+from ..evaluation import evaluate_bounds, perplexity, unigram_perplexity
 from ..runs import RunError, atomic_write, check_device, load_run, write_json
 from .flags import add_ais_flags, add_flags, ais_settings, int_list
-from .report import bound_table
+from .report import bound_table, plus_minus
 
 EVAL = "eval.json"
 EVAL_DATAPOINTS = "eval_datapoints.npz"
@@ -112,6 +112,8 @@ def evaluate_run(
                                  progress=progress, **ais)  # fmt: skip
         report["ais"] = ais_report(estimate, ais, time.perf_counter() - tic)
         result["statistics"]["ais"] = estimate.value
+    if dataset.likelihood == "multinomial":
+        report["perplexity"] = perplexity_report(report, x.cpu(), dataset.word_counts)
     write_json(run_dir / EVAL, report)
     per_point = {
         "elbo": result["elbo"].value,
@@ -121,6 +123,20 @@ def evaluate_run(
     arrays = {k: v.cpu().numpy() for k, v in per_point.items()}
     atomic_write(run_dir / EVAL_DATAPOINTS, lambda tmp: _savez(tmp, arrays))
     return report
+
+
+def perplexity_report(report: dict, counts: torch.Tensor, word_counts: torch.Tensor) -> dict:
+    """Per-word perplexity of every bound in ``report`` (text data), and the unigram's."""
+    rows = {"ELBO": report["elbo"], **{f"IWAE-{k}": v for k, v in report["iwae"].items()}}
+    if "ais" in report:
+        rows[f"AIS-{report['ais']['num_temperatures']}"] = report["ais"]
+    return {
+        "bounds": {name: perplexity(entry, counts) for name, entry in rows.items()},
+        "unigram": unigram_perplexity(counts, word_counts),
+        "words": int(counts.sum()),
+        "note": "per word, from log p(x) less the multinomial coefficient; a lower bound on "
+        "log p(x) is an upper bound on perplexity; unigram: training word frequencies (add-one)",
+    }
 
 
 def ais_report(estimate, settings: dict, seconds: float) -> dict:
@@ -178,6 +194,13 @@ def format_report(report: dict) -> str:
             f"({a['schedule']}), {a['leapfrog_steps']} leapfrog steps, mean acceptance "
             f"{a['acceptance']:.2f} ({a['seconds']:.1f} s); a stochastic lower bound on log p(x), "
             f"{a['mean'] - log_px['mean']:+.3f} from {log_px['estimator']}"
+        )
+    if "perplexity" in report:
+        ppl = report["perplexity"]
+        cells = ", ".join(f"{k} {plus_minus(v, digits=1)}" for k, v in ppl["bounds"].items())
+        lines.append(
+            f"perplexity per word ({ppl['words']:,} words; upper bounds): {cells}; "
+            f"unigram {ppl['unigram']:.1f}"
         )
     if "exact_log_px" in report:
         lines.append(f"exact log p(x) of this model: {report['exact_log_px']:.3f}")

@@ -52,7 +52,10 @@ _COMMON = {
     ),
     "data_path": (
         "--data-path",
-        dict(help="binarized MNIST .npz or .amat folder (or ELBOLAB_DATA)"),
+        dict(
+            help="binarized MNIST .npz or .amat folder (or ELBOLAB_DATA); uci-bow: a "
+            "docword file or its folder; text-folder: a folder of .txt files"
+        ),
     ),
     "device": ("--device", dict(default="cpu", help="torch device (default {default})")),
     "no_progress": ("--no-progress", dict(action="store_true", help="hide the progress bars")),

@@ -44,8 +44,12 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guide-type", choices=("exact", "diagonal"), help="linear-gaussian guide")
     p.add_argument("--layers", type=int, help="hvae: stochastic layers of the encoder (default 2)")
     p.add_argument(
-        "--corruption", help="hvae: fixed first layer, salt-pepper:P, dropout:P or gaussian:S"
+        "--corruption",
+        help="hvae: fixed first layer; images: salt-pepper:P, dropout:P or gaussian:S; "
+        "text: word-dropout:P (uniform) or word-dropout-freq:ALPHA (rare words more often)",
     )
+    p.add_argument("--min-count", type=int, help="text: fewer training occurrences are <unk> (2)")
+    p.add_argument("--max-vocab", type=int, help="text: most frequent words kept (10000)")
     add_flags(p, "seed", "device", seed=None, seed_shown=0, device=None, device_shown="cpu")
     add_flags(p, "no_progress")
 
