@@ -220,6 +220,21 @@ def _anneal(path: _Path, values, betas, *, step_size, leapfrog_steps, target_acc
     return log_w, values, acceptance, step
 
 
+def annealing_pair(model) -> tuple[Callable, Callable]:
+    """The model/guide pair of a trained elbolab model that AIS anneals.
+
+    ``model.model`` and ``model.guide``, unless the encoder's first layer is a
+    discrete corruption (binary or word dropout): HMC cannot move a discrete
+    h, so AIS then anneals z alone, from ``posterior(x)`` (q(z | h at its
+    mean), any normalised density will do) to p(z | x) of the model without
+    its reverse r(h | z, x), whose log p(x) is the same.
+    """
+    corruption = getattr(model, "corruption", None)
+    if corruption and corruption[0] != "gaussian":
+        return model.decoder_model, model.posterior_guide
+    return model.model, model.guide
+
+
 def annealed_log_marginal(
     model: Callable,
     guide: Callable,

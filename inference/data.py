@@ -1,6 +1,8 @@
-"""Data sets: sklearn digits (the offline default), binarized MNIST, synthetic linear-Gaussian,
-and bags of words (the Lee news corpus shipped in gensim's wheel, UCI docword files, a folder
-of text files).
+"""Data sets: images, a synthetic linear-Gaussian, and bags of words.
+
+Images: sklearn digits (the offline default), binarized MNIST. Text: the Lee
+news corpus shipped in gensim's wheel (the offline default), UCI docword
+files, a folder of text files.
 
 Every loader returns a :class:`Dataset` of float tensors whose values have
 been checked: finite, the expected width, binary where the likelihood is

@@ -226,10 +226,10 @@ class HierarchicalVAE(LatentDecoderModel):
 
     def reverse_dist(self, level: int, above: torch.Tensor, x: torch.Tensor):
         """r(h_level | h_{level+1} (or z), x), for ``level`` counted from 0."""
-        x = x.expand(above.shape[:-1] + x.shape[-1:])
-        inputs = torch.cat([above, self.encoder_input(x)], dim=-1)
+        expanded = x.expand(above.shape[:-1] + x.shape[-1:])
+        inputs = torch.cat([above, self.encoder_input(expanded)], dim=-1)
         if level == 0 and self.word_dropout:
-            return self.reverse[level](inputs, x)
+            return self.reverse[level](inputs, x)  # the documents unexpanded: see WordDropout
         return self.reverse[level](inputs)
 
     def model(self, x: torch.Tensor, *, num_data: int | None = None) -> None:
@@ -239,6 +239,17 @@ class HierarchicalVAE(LatentDecoderModel):
             above = z
             for level in reversed(range(len(self.h_names))):
                 above = pyro.sample(self.h_names[level], self.reverse_dist(level, above, x))
+
+    def decoder_model(self, x: torch.Tensor, *, num_data: int | None = None) -> None:
+        """p(z) p(x | z) without the reverse model: the same log p(x), and no h to integrate."""
+        with data_plate(x, num_data):
+            z = pyro.sample("z", self.prior(x))
+            pyro.sample("x", self.likelihood_dist(z, x), obs=x)
+
+    def posterior_guide(self, x: torch.Tensor, *, num_data: int | None = None) -> None:
+        """z ~ :meth:`posterior` (x) alone: a normalised density over z, to start AIS from."""
+        with data_plate(x, num_data):
+            pyro.sample("z", self.posterior(x))
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         """q(z | h) at h = the means of the layers below (q(z | x) itself is a mixture)."""

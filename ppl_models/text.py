@@ -89,8 +89,8 @@ class BagOfWords(dist.TorchDistribution):
         return log_multinomial_coefficient(value) + (value * self.logits).sum(-1)
 
     @torch.no_grad()
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        shape = self._extended_shape(sample_shape)
+    def sample(self, sample_shape=()) -> torch.Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
         probs = self.logits.exp().expand(shape).reshape(-1, shape[-1])
         totals = self.total_count.expand(shape[:-1]).reshape(-1).long()
         counts = torch.zeros_like(probs)
@@ -103,17 +103,21 @@ class BagOfWords(dist.TorchDistribution):
 
 
 class WordDropout(dist.TorchDistribution):
-    r"""p(x~ | x): each token of word w kept with probability sigmoid(keep_logits_w), else ``<unk>``.
+    r"""p(x~ | x): each token of word w kept with probability sigmoid(keep_logits_w), else <unk>.
 
     The kept counts of the words other than ``<unk>`` are independent
     binomials, x~_w ~ Binomial(x_w, keep_w); the ``<unk>`` count is what
     remains, so the document length is unchanged and the density is the
-    product of those binomials (``pyro.distributions.Binomial``).
+    product of those binomials (``pyro.distributions.Binomial``). Only the
+    words a document holds enter (a word with x_w = 0 has x~_w = 0 and a
+    factor of one): a few percent of the vocabulary, so sampling and scoring
+    take a few percent of the dense cost.
 
     Parameters
     ----------
     counts : torch.Tensor
-        The clean document x, shape (..., V).
+        The clean documents x, shape (..., V); pass them unexpanded (their
+        batch shape broadcasts against ``keep_logits``'s).
     keep_logits : torch.Tensor
         logit of each word's keeping probability, shape broadcastable to
         ``counts``; the ``<unk>`` column is ignored (it is never dropped).
@@ -124,40 +128,55 @@ class WordDropout(dist.TorchDistribution):
 
     def __init__(self, counts: torch.Tensor, keep_logits: torch.Tensor, validate_args=None):
         shape = torch.broadcast_shapes(counts.shape, keep_logits.shape)
+        self.documents = counts
         self.counts = counts.expand(shape)
         self.keep_logits = keep_logits.expand(shape)
+        words = counts[..., UNK_INDEX + 1 :]
+        held = int((words != 0).sum(-1).max()) if words.numel() else 0
+        absent = (words == 0).to(torch.uint8)  # each document's words first, in column order
+        columns = torch.argsort(absent, dim=-1, stable=True)[..., : max(held, 1)]
+        self.columns = (columns + UNK_INDEX + 1).expand(shape[:-1] + columns.shape[-1:])
         super().__init__(shape[:-1], shape[-1:], validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(WordDropout, _instance)
         shape = torch.Size(batch_shape) + self.event_shape
+        new.documents = self.documents
         new.counts = self.counts.expand(shape)
         new.keep_logits = self.keep_logits.expand(shape)
+        new.columns = self.columns.expand(shape[:-1] + self.columns.shape[-1:])
         super(WordDropout, new).__init__(shape[:-1], self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
 
     def _kept(self) -> dist.Binomial:
-        words = slice(UNK_INDEX + 1, None)
+        """The binomials of the words the documents hold (padding columns have zero counts)."""
         return dist.Binomial(
-            total_count=self.counts[..., words], logits=self.keep_logits[..., words],
+            total_count=self.counts.gather(-1, self.columns),
+            logits=self.keep_logits.gather(-1, self.columns),
             validate_args=self._validate_args,
-        )  # fmt: skip
+        )
 
-    def _with_unknown(self, kept: torch.Tensor) -> torch.Tensor:
-        dropped = (self.counts[..., UNK_INDEX + 1 :] - kept).sum(-1, keepdim=True)
-        return torch.cat([self.counts[..., : UNK_INDEX + 1] + dropped, kept], -1)
+    def _document(self, kept: torch.Tensor) -> torch.Tensor:
+        """Kept counts of the held words -> x~ over the vocabulary, dropped tokens as ``<unk>``."""
+        columns = self.columns.expand(kept.shape)
+        full = torch.zeros(kept.shape[:-1] + self.event_shape, dtype=kept.dtype, device=kept.device)
+        full.scatter_(-1, columns, kept)
+        dropped = self.counts[..., UNK_INDEX + 1 :].sum(-1) - kept.sum(-1)
+        full[..., UNK_INDEX] = self.counts[..., UNK_INDEX] + dropped
+        return full
 
     @property
     def mean(self) -> torch.Tensor:
-        return self._with_unknown(self._kept().mean)
+        return self._document(self._kept().mean)
 
     @torch.no_grad()
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        return self._with_unknown(self._kept().sample(sample_shape))
+    def sample(self, sample_shape=()) -> torch.Tensor:
+        return self._document(self._kept().sample(sample_shape))
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        return self._kept().log_prob(value[..., UNK_INDEX + 1 :]).sum(-1)
+        kept = value.gather(-1, self.columns.expand(value.shape[:-1] + self.columns.shape[-1:]))
+        return self._kept().log_prob(kept).sum(-1)
 
 
 def keep_logits(kind: str, level: float, word_counts: torch.Tensor) -> torch.Tensor:
@@ -175,7 +194,7 @@ def keep_logits(kind: str, level: float, word_counts: torch.Tensor) -> torch.Ten
 
 
 def expected_drop_rate(alpha: float, word_counts: torch.Tensor) -> float:
-    """Fraction of the corpus's tokens (other than ``<unk>``) that ``word-dropout-freq:alpha`` drops."""
+    """Fraction of the corpus's tokens (except ``<unk>``) that ``word-dropout-freq:alpha`` drops."""
     counts = word_counts[UNK_INDEX + 1 :].double()
     return float((counts * alpha / (counts + alpha)).sum() / counts.sum())
 

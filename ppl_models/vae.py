@@ -8,9 +8,10 @@ Generative model and encoder (Kingma & Welling 2014; Burda et al. 2016)::
     q_phi(z_n | x_n) = N(mu_phi(x_n), diag(s_phi(x_n)^2))
 
 for n in the plate ``"data"``. On word counts (``likelihood="multinomial"``)
-the same pair is NVDM, a document model: see :mod:`ppl_models.text`. Passing ``num_data=N`` with a minibatch of B
-rows makes the plate scale each datapoint's terms by N/B, so that losses are
-unbiased estimates of the full-data objective.
+the same pair is NVDM, a document model: see :mod:`ppl_models.text`.
+Passing ``num_data=N`` with a minibatch of B rows makes the plate scale
+each datapoint's terms by N/B, so that losses are unbiased estimates of the
+full-data objective.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyro
 
-from ..ais import SCHEDULES, bdmc, bdmc_summary
+from ..ais import SCHEDULES, annealing_pair, bdmc, bdmc_summary
 from ..plots import plot_bdmc
 from ..runs import RunError, load_run, write_json
 from .flags import add_flags, int_list
@@ -52,7 +52,7 @@ def bdmc_run(
         tic = time.perf_counter()
         try:
             result = bdmc(
-                model.model, model.guide, template, num_points=points, num_chains=num_chains,
+                *annealing_pair(model), template, num_points=points, num_chains=num_chains,
                 num_temperatures=temps, leapfrog_steps=leapfrog_steps, schedule=schedule,
                 progress=progress,
             )  # fmt: skip

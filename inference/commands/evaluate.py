@@ -12,7 +12,7 @@ import pyro
 import torch
 
 from .. import diagnostics
-from ..ais import ais_over_data
+from ..ais import ais_over_data, annealing_pair
 from ..evaluation import evaluate_bounds, perplexity, unigram_perplexity
 from ..runs import RunError, atomic_write, check_device, load_run, write_json
 from .flags import add_ais_flags, add_flags, ais_settings, int_list
@@ -108,7 +108,7 @@ def evaluate_run(
     if ais is not None:
         pyro.set_rng_seed(seed)
         tic = time.perf_counter()
-        estimate = ais_over_data(model.model, model.guide, x, batch_size=batch_size,
+        estimate = ais_over_data(*annealing_pair(model), x, batch_size=batch_size,
                                  progress=progress, **ais)  # fmt: skip
         report["ais"] = ais_report(estimate, ais, time.perf_counter() - tic)
         result["statistics"]["ais"] = estimate.value

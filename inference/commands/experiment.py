@@ -1,9 +1,18 @@
-"""``elbolab experiment stochastic-layers``: do more stochastic layers tighten the bound.
+"""``elbolab experiment``: a question answered by training variants under one budget.
 
-Trains encoders with L = 1, 2, 3 stochastic layers and the denoising variant
-(a fixed corruption as the first layer) with the same data, objective,
-budget and seeds, measures every bound with ``gaps_run``, and reports means
-and standard errors across seeds. Whatever the numbers say is the answer.
+``stochastic-layers``: do more stochastic layers tighten the bound? Encoders
+with L = 1, 2, 3 stochastic layers and the denoising variant (a fixed
+corruption as the first layer).
+
+``word-dropout``: what does word dropout, the denoising criterion for text,
+do to a document model's bounds? No dropout (a plain NVDM, L = 1) against
+uniform and frequency-based word dropout as the encoder's first layer, at
+the same drop rates (frequency-based: the alpha at which the same fraction
+of the training tokens is dropped).
+
+Every variant is trained with the same data, objective, budget and seeds,
+measured by ``gaps_run``, and reported as means and standard errors across
+seeds. Whatever the numbers say is the answer.
 """
 
 from __future__ import annotations
@@ -11,12 +20,15 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ppl_models.text import alpha_for_rate, expected_drop_rate
+
 from ..bounds import summary
+from ..data import TEXT_DATASETS, load_dataset
 from ..objectives import OBJECTIVES
 from ..runs import (
     CONFIG,
@@ -29,18 +41,20 @@ from ..runs import (
     write_json,
 )
 from ..svi import train
-from .flags import add_flags, int_list, nonnegative_list
+from .flags import add_ais_flags, add_flags, ais_settings, int_list, nonnegative_list
 from .gaps import gaps_run
 
 ACROSS_SEEDS = "across seeds (std / sqrt(seeds))"
+EXPERIMENTS = ("stochastic-layers", "word-dropout")
 
+# name -> (run folder prefix, TrainConfig fields)
 VARIANTS = {
-    "L=1": dict(layers=1),
-    "L=2": dict(layers=2),
-    "L=3": dict(layers=3),
-    "denoising (L=2)": dict(layers=2, corruption="salt-pepper:0.1"),
+    "L=1": ("L1", dict(layers=1)),
+    "L=2": ("L2", dict(layers=2)),
+    "L=3": ("L3", dict(layers=3)),
+    "denoising (L=2)": ("denoising", dict(layers=2, corruption="salt-pepper:0.1")),
 }
-COLUMNS = {
+COLUMNS: dict[str, Callable[[dict], float]] = {
     "log p(x)": lambda r: r["bounds"]["log_px"]["mean"],
     "L_marg": lambda r: _marg(r),
     "L_aux": lambda r: r["bounds"]["l_aux"]["mean"],
@@ -49,6 +63,17 @@ COLUMNS = {
     "KL gap": lambda r: r["bounds"]["log_px"]["mean"] - _marg(r),
     "amortisation": lambda r: r.get("cremer", {}).get("amortization_gap", {}).get("mean", math.nan),
 }
+TEXT_COLUMNS: dict[str, Callable[[dict], float]] = {
+    "perplexity IWAE": lambda r: _iwae_perplexity(r),
+    "perplexity AIS": lambda r: r["perplexity"]["log_px"]["mean"] if "ais" in r else math.nan,
+    **{k: v for k, v in COLUMNS.items() if k != "amortisation"},
+}
+
+
+def _iwae_perplexity(report: dict) -> float:
+    """Perplexity from IWAE-K, which is log p(x)'s estimate unless AIS took its place."""
+    ppl = report["perplexity"]
+    return ppl.get(f"iwae[{report['num_particles']}]", ppl["log_px"])["mean"]
 
 
 def _marg(report: dict) -> float:
@@ -88,10 +113,13 @@ def ensure_trained(config: TrainConfig, run: Path, *, progress: bool) -> None:
         train(config, run, resume=True, progress=progress)
 
 
-def stochastic_layers(
+def run_variants(
+    experiment: str,
+    variants: dict[str, tuple[str, dict]],
+    columns: dict[str, Callable[[dict], float]],
     *,
     out: str | Path,
-    data: str = "digits",
+    data: str,
     data_path: str | None = None,
     objective: str = "iwae",
     num_particles: int = 5,
@@ -102,40 +130,50 @@ def stochastic_layers(
     eval_particles: int = 1000,
     inner_samples: Sequence[int] = (1, 10, 100),
     limit: int | None = None,
+    ais: dict | None = None,
     progress: bool = True,
+    **details,
 ) -> dict:
-    """Run the experiment; write ``experiment.json`` in ``out`` and return it."""
+    """Train every variant for every seed, measure it, write ``experiment.json``; return it.
+
+    ``variants`` maps a row name to (run folder prefix, :class:`TrainConfig`
+    fields of the hvae); ``columns`` maps a column name to a function of
+    the ``gaps`` report; ``details`` are recorded in the result as they are.
+    """
     out = Path(out)
     mark_folder(out, "experiment")
     tic = time.perf_counter()
-    rows: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    rows: dict[str, list[dict]] = {name: [] for name in variants}
     for seed in seeds:
-        for name, options in VARIANTS.items():
-            tag = "denoising" if "corruption" in options else f"L{options['layers']}"
-            run = out / f"{tag}-seed{seed}"
+        for name, (tag, options) in variants.items():
             config = TrainConfig(
                 model="hvae", data=data, data_path=data_path, objective=objective,
                 num_particles=num_particles, epochs=epochs, seed=seed, hidden=hidden,
                 z_dim=z_dim, **options,
             )  # fmt: skip
+            run = out / f"{tag}-seed{seed}"
             ensure_trained(config, run, progress=progress)
             report = gaps_run(
                 run, limit=limit, num_particles=eval_particles, inner_samples=inner_samples,
-                seed=seed, progress=False,
+                seed=seed, progress=False, ais=ais,
             )  # fmt: skip
-            rows[name].append({column: fn(report) for column, fn in COLUMNS.items()})
+            rows[name].append({column: fn(report) for column, fn in columns.items()})
     table = {
-        name: {column: _across_seeds([r[column] for r in runs]) for column in COLUMNS}
+        name: {column: _across_seeds([r[column] for r in runs]) for column in columns}
         for name, runs in rows.items()
     }
     result = {
+        "experiment": experiment,
         "data": data,
         "objective": objective,
         "num_particles": num_particles,
         "epochs": epochs,
         "seeds": list(seeds),
         "eval_particles": eval_particles,
+        "log_px_estimator": f"AIS-{ais['num_temperatures']}" if ais else f"IWAE-{eval_particles}",
+        **({"ais": ais} if ais else {}),
         "inner_samples": list(inner_samples),
+        **details,
         "table": table,
         "per_seed": rows,
         "seconds": time.perf_counter() - tic,
@@ -144,30 +182,94 @@ def stochastic_layers(
     return result
 
 
+def stochastic_layers(*, out: str | Path, data: str = "digits", **settings) -> dict:
+    """L = 1, 2, 3 and the denoising encoder (see :func:`run_variants` for ``settings``)."""
+    if data in TEXT_DATASETS:
+        raise RunError(f"stochastic-layers is an experiment on images; {data} is text")
+    return run_variants("stochastic-layers", VARIANTS, COLUMNS, out=out, data=data, **settings)
+
+
+def word_dropout_variants(rates: Sequence[float], word_counts) -> dict[str, tuple[str, dict]]:
+    """No dropout, then uniform and frequency-based word dropout at each drop rate."""
+    variants = {"none (L=1)": ("none", dict(layers=1))}
+    for rate in rates:
+        variants[f"uniform {rate:g}"] = (
+            f"uniform{rate:g}",
+            dict(layers=2, corruption=f"word-dropout:{rate:g}"),
+        )
+    for rate in rates:
+        alpha = float(f"{alpha_for_rate(rate, word_counts):.4g}")
+        variants[f"frequency {rate:g}"] = (
+            f"frequency{rate:g}",
+            dict(layers=2, corruption=f"word-dropout-freq:{alpha:g}"),
+        )
+    return variants
+
+
+def word_dropout(
+    *,
+    out: str | Path,
+    data: str = "lee",
+    data_path: str | None = None,
+    rates: Sequence[float] = (0.1, 0.3),
+    **settings,
+) -> dict:
+    """No dropout vs uniform vs frequency-based word dropout (see :func:`run_variants`)."""
+    if data not in TEXT_DATASETS:
+        raise RunError(f"word-dropout needs text data ({', '.join(TEXT_DATASETS)}), not {data}")
+    for rate in rates:
+        if not 0 < rate < 1:
+            raise RunError(f"--rates: a drop rate must lie in (0, 1), got {rate:g}")
+    counts = load_dataset(data, path=data_path).word_counts
+    variants = word_dropout_variants(rates, counts)
+    alphas = {
+        name: float(options["corruption"].split(":")[1])
+        for name, (_, options) in variants.items()
+        if "freq" in options.get("corruption", "")
+    }
+    rates_at = {name: expected_drop_rate(a, counts) for name, a in alphas.items()}
+    return run_variants(
+        "word-dropout", variants, TEXT_COLUMNS, out=out, data=data, data_path=data_path,
+        rates=list(rates), alphas=alphas, drop_rates_of_alphas=rates_at, **settings,
+    )  # fmt: skip
+
+
 def format_experiment(result: dict) -> str:
-    """The table: mean +- standard error across seeds, in nats."""
-    header = f"{'encoder':<17}" + "".join(f"{c:>17}" for c in COLUMNS)
+    """The table: mean +- standard error across seeds (nats; perplexity per word)."""
+    columns = list(next(iter(result["table"].values())))
+    width = max(17, *(len(name) + 2 for name in result["table"]))
+    header = f"{'variant':<{width}}" + "".join(f"{c:>17}" for c in columns)
     lines = [
-        f"{result['data']}, {result['objective']} K={result['num_particles']}, "
-        f"{result['epochs']} epochs, seeds {result['seeds']}; bounds by gaps with "
-        f"K={result['eval_particles']}, S={max(result['inner_samples'])} "
-        f"({result['seconds'] / 60:.1f} min); mean +- standard error across seeds",
+        f"{result.get('experiment', 'stochastic-layers')}: {result['data']}, "
+        f"{result['objective']} K={result['num_particles']}, {result['epochs']} epochs, seeds "
+        f"{result['seeds']}; bounds by gaps, log p(x) by "
+        f"{result.get('log_px_estimator', 'IWAE-' + str(result['eval_particles']))}, "
+        f"S={max(result['inner_samples'])} ({result['seconds'] / 60:.1f} min); mean +- "
+        "standard error across seeds",
         header,
     ]
     for name, row in result["table"].items():
         cells = []
-        for column in COLUMNS:
+        for column in columns:
             m, s = row[column]["mean"], row[column]["stderr"]
             cells.append(f"{'n/a':>17}" if math.isnan(m) else f"{m:>9.2f} +- {s:<5.2f}")
-        lines.append(f"{name:<17}" + "".join(cells))
+        lines.append(f"{name:<{width}}" + "".join(cells))
+    if "alphas" in result:
+        lines.append(
+            "frequency-based: drop probability alpha / (c(w) + alpha); "
+            + ", ".join(f"{name}: alpha {a:g}" for name, a in result["alphas"].items())
+        )
     return "\n".join(lines)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("experiment", help="experiments; stochastic-layers: L = 1, 2, 3, denoising")
-    p.add_argument("name", choices=("stochastic-layers",), help="which experiment")
-    p.add_argument("--out", default="runs/stochastic-layers", help="folder for the runs")
-    p.add_argument("--data", choices=("digits", "binarized-mnist"), default="digits")
+    p = sub.add_parser(
+        "experiment",
+        help="experiments; stochastic-layers: L = 1, 2, 3, denoising; word-dropout: text",
+    )
+    p.add_argument("name", choices=EXPERIMENTS, help="which experiment")
+    p.add_argument("--out", help="folder for the runs (default runs/NAME)")
+    p.add_argument("--data", help="data set (default digits; lee for word-dropout)")
     add_flags(p, "data_path")
     p.add_argument("--objective", choices=OBJECTIVES, default="iwae")
     p.add_argument("--num-particles", type=int, default=5, help="K in training (default 5)")
@@ -177,17 +279,38 @@ def add_parser(sub) -> None:
     p.add_argument("--z-dim", type=int, help="latent dimension")
     p.add_argument("--k", type=int, default=1000, help="particles for the bounds")
     p.add_argument("--inner-samples", type=int_list, default=[1, 10, 100])
+    p.add_argument("--rates", type=rate_list, default=[0.1, 0.3],
+                   help="word-dropout: drop rates (default 0.1,0.3)")  # fmt: skip
+    p.add_argument("--ais", action="store_true", help="log p(x) by AIS instead of IWAE")
+    add_ais_flags(p)
     add_flags(p, "limit", "no_progress")
     p.set_defaults(func=run)
 
 
+def rate_list(text: str) -> list[float]:
+    """``"0.1,0.3"`` -> ``[0.1, 0.3]``, each in (0, 1)."""
+    try:
+        rates = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers, e.g. 0.1,0.3, got {text!r}") from None
+    if not rates or not all(0 < r < 1 for r in rates):
+        raise argparse.ArgumentTypeError(f"drop rates must lie in (0, 1), got {text!r}")
+    return rates
+
+
 def run(args: argparse.Namespace) -> int:
-    result = stochastic_layers(
-        out=args.out, data=args.data, data_path=args.data_path, objective=args.objective,
+    out = args.out or f"runs/{args.name}"
+    settings = dict(
+        out=out, data_path=args.data_path, objective=args.objective,
         num_particles=args.num_particles, epochs=args.epochs, seeds=args.seeds,
         hidden=args.hidden, z_dim=args.z_dim, eval_particles=args.k,
-        inner_samples=args.inner_samples, limit=args.limit, progress=not args.no_progress,
+        inner_samples=args.inner_samples, limit=args.limit,
+        ais=ais_settings(args) if args.ais else None, progress=not args.no_progress,
     )  # fmt: skip
+    if args.name == "word-dropout":
+        result = word_dropout(data=args.data or "lee", rates=args.rates, **settings)
+    else:
+        result = stochastic_layers(data=args.data or "digits", **settings)
     print(format_experiment(result))
-    print(f"written {args.out}/experiment.json")
+    print(f"written {out}/experiment.json")
     return 0

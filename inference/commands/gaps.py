@@ -22,15 +22,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import diagnostics
-from ..ais import annealed_log_marginal
+from ..ais import annealed_log_marginal, annealing_pair
 from ..amortization import amortization_split
 from ..bounds import MONTE_CARLO, Bound, across_datapoints
+from ..evaluation import perplexity
 from ..hierarchical import hierarchical_bounds
 from ..plots import plot_gaps
 from ..runs import load_run, write_json
 from ..surgery import active_units, aggregate_posterior_terms, hierarchical_surgery, posterior_means
 from .flags import add_ais_flags, add_flags, ais_settings, int_list
-from .report import bound_table
+from .report import bound_table, plus_minus
 
 GAPS = "gaps.json"
 
@@ -103,7 +104,8 @@ def gaps_run(
         bounds = result["bounds"]
         if ais:
             model.requires_grad_(False)
-            estimate = annealed_log_marginal(model.model, model.guide, x, **ais)
+            estimate = annealed_log_marginal(*annealing_pair(model), x, **ais)
+            bounds[f"iwae[{num_particles}]"] = bounds["log_px"]  # kept beside AIS's
             bounds["log_px"] = Bound(estimate.value, estimate.stderr)
         if not aux:  # one stochastic layer: q(z|x) is exact, L_marg = L_aux = L_h
             for s in inner_samples:
@@ -172,6 +174,10 @@ def gaps_run(
         "khat": diagnostics.khat_summary(khat),
         "active_units": _active_units(model.guide, x_all[:2000]),
     }
+    if dataset.likelihood == "multinomial":  # documents: the same bounds as perplexities
+        names = ("log_px", f"iwae[{num_particles}]", f"l_marg[{s_max}]", "l_aux", "l_h")
+        names = [name for name in names if name in summary]
+        report["perplexity"] = {name: perplexity(summary[name], x_all) for name in names}
     if not conventions:
         report["not_measured"] = (
             "the Cremer split and ELBO surgery: they need the model's posterior(x) and prior(x) "
@@ -240,6 +246,9 @@ def format_gaps(report: dict) -> str:
             f"{s['mutual_information']:.3f} (<= log N = {s['log_n']:.2f}) + KL(q(z)||p(z)) "
             f"{s['marginal_kl']:.3f}"
         )
+    if "perplexity" in report:
+        cells = ", ".join(f"{k} {plus_minus(v, digits=1)}" for k, v in report["perplexity"].items())
+        lines.append(f"perplexity per word (from each bound; upper bounds): {cells}")
     lines.append(f"active units: {report['active_units']}")
     if "not_measured" in report:
         lines.append(f"not measured for this model: {report['not_measured']}")
