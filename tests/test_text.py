@@ -325,8 +325,9 @@ def test_text_from_the_command_line(tmp_path, capsys):
     assert ppl["IWAE-10"]["mean"] <= ppl["ELBO"]["mean"] + 4 * ppl["ELBO"]["stderr"]
 
     hvae = tmp_path / "dropout"
-    assert main(["train", "--data", "lee", "--model", "hvae", "--layers", "2", "--corruption",
-                 "word-dropout-freq:3", "--out", str(hvae), "--no-progress", *small]) == 0  # fmt: skip
+    dropout = ["--model", "hvae", "--layers", "2", "--corruption", "word-dropout-freq:3"]
+    assert main(["train", "--data", "lee", "--out", str(hvae), "--no-progress", *dropout,
+                 *small]) == 0  # fmt: skip
     assert main(["gaps", str(hvae), "--k", "50", "--inner-samples", "1,5", "--limit", "12",
                  "--no-progress", "--logpx", "ais", "--ais-temperatures", "20",
                  "--ais-chains", "2"]) == 0  # fmt: skip
