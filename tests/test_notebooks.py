@@ -8,7 +8,7 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-LISTED = ["bound_gaps.ipynb", "posterior_diagnostics.ipynb", "rbm.ipynb"]
+LISTED = ["bound_gaps.ipynb", "posterior_diagnostics.ipynb", "rbm.ipynb", "text.ipynb"]
 
 
 def test_every_notebook_is_listed():

@@ -333,6 +333,10 @@ BAD_RUNS = {
     "zero batch": ({"batch_size": 0}, "--batch-size must be >= 1"),
     "negative epochs": ({"epochs": -3}, "--epochs must be >= 1"),
     "unknown model": ({"model": "gpt"}, "--model 'gpt' is not one of"),
+    "vocabulary on images": ({"min_count": 3}, "--min-count shapes a vocabulary"),
+    "word dropout on images": (
+        {"model": "hvae", "layers": 2, "corruption": "word-dropout:0.2"}, "needs text data"
+    ),
     "unknown activation": ({"activation": "swish?"}, "--activation 'swish?' is not one of"),
     "unknown objective": ({"objective": "magic"}, "--objective 'magic' is not one of"),
     "unknown data": ({"data": "imagenet"}, "--data 'imagenet' is not one of"),
