@@ -17,7 +17,7 @@ from pathlib import Path
 import pyro
 import torch
 
-from . import user_model
+from . import distributed, user_model
 from .bounds import elbo_bound
 from .objectives import make_objective
 from .runs import (
@@ -62,6 +62,7 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+    shards: int | None = None,
 ) -> torch.nn.Module:
     """Train ``config``'s model on its data, writing the run directory ``out``.
 
@@ -80,6 +81,14 @@ def train(
         Show a progress bar.
     on_step : callable, optional
         Called as ``on_step(epoch, step, loss)`` after every step (for tests).
+    shards : int, optional
+        Pieces each global minibatch is split into (default: the number of
+        processes, see :mod:`inference.distributed`). With more than one,
+        piece s of step t draws its random numbers from a seed of (seed,
+        epoch, t, s), its loss is weighted by its share of the batch, and the
+        gradients of all pieces are summed before the step: the gradient of
+        the whole batch, whichever process computes which piece. So a run of
+        2 processes equals a single process with ``shards=2``.
 
     Returns
     -------
@@ -94,9 +103,15 @@ def train(
     """
     out = Path(out)
     config.validate()
+    world = distributed.current(config.device)
+    shards = shards or world.size
+    if shards < world.size:
+        raise ValueError(f"shards={shards} is fewer than the {world.size} processes")
     if user_model.is_reference(config.model):
         config.model = user_model.resolve(config.model)
-    config = prepare_run(config, out, resume, overwrite=overwrite, changeable=("epochs", "device"))
+    config = distributed.on_main(world, lambda: prepare_run(
+        config, out, resume, overwrite=overwrite, changeable=("epochs", "device")
+    ))  # fmt: skip
     if user_model.is_reference(config.model):
         if resume:
             user_model.check_unchanged(config.model, config.model_sha256, run_dir=out)
@@ -122,28 +137,63 @@ def train(
         if state is None:
             if hasattr(model, "init_from_data"):
                 model.init_from_data(x_train)
+            if world.active:
+                distributed.broadcast_parameters(model)
             return
         load_weights(model, state["model"], out)
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"], shuffle)
+        if world.active:  # the same start on every rank, whatever each one read
+            distributed.broadcast_parameters(model)
+
+    def sharded_loss(index: int, step: int, rows: torch.Tensor) -> torch.Tensor:
+        """The batch's loss with the gradient of the whole batch, from this rank's pieces."""
+        pieces = torch.tensor_split(rows, shards)
+        total = torch.zeros((), device=device)
+        for s in range(world.rank, shards, world.size):
+            if len(pieces[s]) == 0:
+                continue
+            torch.manual_seed(distributed.batch_seed(config.seed, index, step, s))
+            xb = x_train[pieces[s]]
+            loss = objective.differentiable_loss(model.model, model.guide, xb, **scale_kwargs)
+            if takes_num_data:  # scaled by N/b for the piece: N/B for the batch
+                loss = loss * (len(pieces[s]) / len(rows))
+            loss.backward()
+            total += loss.detach()
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if world.active:
+            distributed.all_reduce_sum([*(p.grad for p in params), total])
+        return total
 
     def epoch(index: int, bar) -> dict:
         order = torch.randperm(num_data, generator=shuffle).to(device)
         total = 0.0
         for step, begin in enumerate(range(0, num_data, config.batch_size)):
-            xb = x_train[order[begin : begin + config.batch_size]]
-            loss = objective.differentiable_loss(model.model, model.guide, xb, **scale_kwargs)
+            rows = order[begin : begin + config.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            if shards > 1:
+                loss = sharded_loss(index, step, rows)
+            else:
+                xb = x_train[rows]
+                loss = objective.differentiable_loss(model.model, model.guide, xb, **scale_kwargs)
             value = float(loss.detach())
             check_finite(value, out, index, f"the {config.objective} loss is {value}", step=step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if shards == 1:
+                loss.backward()
             optimizer.step()
             # per datapoint: the loss estimates N times it when scaled, B times it when not
-            total += value / (num_data if takes_num_data else xb.shape[0])
+            total += value / (num_data if takes_num_data else len(rows))
             if on_step is not None:
                 on_step(index, step, loss)
             bar.update(1)
+        if not world.is_main:  # rank 0 alone measures and writes
+            return {}
         model.eval()
+        if shards > 1:  # the held-out draws too belong to the epoch, not to the process
+            torch.manual_seed(distributed.batch_seed(config.seed, index, steps_per_epoch))
         heldout = heldout_elbo(model, x_heldout)
         model.train()
         bound = -total / steps_per_epoch
@@ -165,5 +215,5 @@ def train(
     trainer = Trainer(start, epoch, state, steps_per_epoch, f"{config.model}/{config.objective}")
     model.train()
     with pyro.validation_enabled(False):
-        fit(trainer, config, out, resume=resume, progress=progress)
+        fit(trainer, config, out, resume=resume, progress=progress, world=world)
     return model.eval()

@@ -14,11 +14,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .distributed import SINGLE, World
 from .runs import (
     CONFIG,
     RunError,
@@ -85,22 +87,28 @@ def check_finite(value, out: Path, epoch: int, detail: str, *, step: int | None 
         raise diverged(out, epoch, detail, step=step)
 
 
-def fit(trainer: Trainer, config, out: Path, *, resume: bool, progress: bool) -> list[dict]:
+def fit(
+    trainer: Trainer, config, out: Path, *, resume: bool, progress: bool, world: World = SINGLE
+) -> list[dict]:
     """Run ``trainer`` from its first (or checkpointed) epoch to ``config.epochs``.
+
+    In a job of several processes (``world``) every rank trains and rank 0
+    alone holds the lock and writes ``config.json``, metrics and checkpoints.
 
     Returns
     -------
     list of dict
-        Every epoch's metrics, as in ``metrics.jsonl``.
+        Every epoch's metrics, as in ``metrics.jsonl`` (rank 0's).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out):
-        return _fit_locked(trainer, config, out, resume=resume, progress=progress)
+    with run_lock(out) if world.is_main else nullcontext():
+        return _fit_locked(trainer, config, out, resume=resume, progress=progress, world=world)
 
 
-def _fit_locked(trainer: Trainer, config, out: Path, *, resume: bool, progress: bool):
+def _fit_locked(trainer: Trainer, config, out: Path, *, resume: bool, progress: bool, world):
     start_epoch, metrics = 0, []
+    writes = world.is_main
     if resume:
         state = load_checkpoint(out)
         trainer.start(state)
@@ -109,12 +117,13 @@ def _fit_locked(trainer: Trainer, config, out: Path, *, resume: bool, progress: 
         metrics = [row for row in read_metrics(out) if row["epoch"] <= start_epoch]
     else:
         trainer.start(None)
-        write_json(out / CONFIG, config.to_dict())
+        if writes:
+            write_json(out / CONFIG, config.to_dict())
     elapsed = metrics[-1]["elapsed"] if metrics else 0.0
     done = start_epoch
     bar = tqdm(
         total=(config.epochs - start_epoch) * trainer.steps_per_epoch,
-        disable=not progress,
+        disable=not progress or not writes,
         desc=trainer.desc,
         unit="step",
     )
@@ -126,8 +135,9 @@ def _fit_locked(trainer: Trainer, config, out: Path, *, resume: bool, progress: 
                 seconds = time.perf_counter() - tic
                 elapsed += seconds
                 metrics.append({"epoch": epoch + 1, **row, "seconds": seconds, "elapsed": elapsed})
-                write_metrics(out, metrics)
-                save_checkpoint(out, {"epoch": epoch + 1, **trainer.state()})
+                if writes:
+                    write_metrics(out, metrics)
+                    save_checkpoint(out, {"epoch": epoch + 1, **trainer.state()})
                 done = epoch + 1
     except KeyboardInterrupt:
         # Checkpoints are written atomically: the last complete one is intact.

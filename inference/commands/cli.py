@@ -13,7 +13,9 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from .. import distributed
 from ..data import DataError
+from ..distributed import DistributedError
 from ..runs import RunError
 from ..user_model import ModelError
 from . import bdmc, compare, demo, diagnose, evaluate, experiment, gaps, rbm, train
@@ -22,7 +24,7 @@ from .flags import Parser
 # In the order ``elbolab --help`` lists them.
 COMMANDS = (train, evaluate, gaps, bdmc, experiment, diagnose, compare, rbm, demo)
 # TrainingDiverged is a RunError.
-USER_ERRORS = (DataError, RunError, ModelError)
+USER_ERRORS = (DataError, RunError, ModelError, DistributedError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"elbolab: {detail}", file=sys.stderr)
         return 130
     finally:
+        distributed.shutdown()  # under torchrun: leave the process group
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
 

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import distributed
 from ..ais import SCHEDULES
 from ..runs import RunError, is_elbolab_run, read_metrics, run_files_in
 
@@ -115,9 +116,12 @@ def train_from_args(trainer: Callable, config, args: argparse.Namespace) -> dict
     Says which files --overwrite removed; returns the last line of metrics.jsonl.
     """
     out, overwrite = Path(args.out), getattr(args, "overwrite", False)
+    main = distributed.current(getattr(config, "device", "cpu")).is_main
     removed = [p.name for p in run_files_in(out)] if overwrite and is_elbolab_run(out) else []
     trainer(config, out, resume=getattr(args, "resume", False), overwrite=overwrite,
             progress=not args.no_progress)  # fmt: skip
+    if not main:  # under torchrun rank 0 alone reports
+        return {}
     if removed:
         print(f"--overwrite: removed {', '.join(removed)} from {out}")
     return read_metrics(out)[-1]

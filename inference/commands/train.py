@@ -66,6 +66,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from(args, TrainConfig())
     last = train_from_args(train, config, args)
+    if not last:  # another rank than 0 of a torchrun job
+        return 0
     heldout = next(k for k in last if k.endswith("_elbo"))
     print(
         f"trained {last['epoch']} epochs in {last['elapsed']:.1f} s: training bound "

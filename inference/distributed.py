@@ -1,0 +1,165 @@
+"""Several processes on ``torch.distributed``, launched by ``torchrun``: who does what.
+
+elbolab runs unchanged under ``torchrun --nproc-per-node N elbolab ...``:
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``,
+and :func:`current` joins the process group (gloo on CPU, NCCL for CUDA
+devices) with a timeout, so that a peer that dies makes the others fail
+with a message instead of waiting for ever. Without those variables every
+function here is the single-process identity.
+
+Who does what: every rank computes, rank 0 alone writes files
+(:func:`on_main` runs a step there and hands its outcome, or its error, to
+every rank). Training averages nothing implicitly: each rank's loss is
+scaled to its share of the global batch and the gradients are summed
+(:func:`all_reduce_sum`), which equals the single-process gradient of that
+batch. Evaluations split whole batches of datapoints across ranks and
+gather the per-datapoint results on rank 0 in datapoint order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT_ENV = "ELBOLAB_DIST_TIMEOUT"  # seconds a collective may wait for a peer
+DEFAULT_TIMEOUT = 300
+
+
+class DistributedError(RuntimeError):
+    """A collective failed (a peer died or timed out); the message says which rank saw it."""
+
+
+@dataclass(frozen=True)
+class World:
+    """A process's place among the processes of one job."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+
+SINGLE = World()  # one process, no process group
+
+
+def current(device: str = "cpu") -> World:
+    """The world of this process, joining the process group that torchrun describes.
+
+    ``WORLD_SIZE`` unset or 1 is a single process. The backend is NCCL for a
+    CUDA ``device``, else gloo; the timeout is ``ELBOLAB_DIST_TIMEOUT``
+    seconds (default 300).
+    """
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return SINGLE
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT)))
+    dist.init_process_group(backend, timeout=timeout)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a command)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _collective(name: str, fn: Callable, *args):
+    try:
+        return fn(*args)
+    except RuntimeError as err:  # gloo / NCCL errors: a peer died, or the wait timed out
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DistributedError(
+            f"rank {rank}: {name} failed, a peer process died or did not answer within the "
+            f"timeout ({first}); set {TIMEOUT_ENV} to wait longer"
+        ) from None
+
+
+def on_main(world: World, fn: Callable[[], object]):
+    """``fn()`` on rank 0; its result, or its error as a one-line error, on every rank.
+
+    For the steps only rank 0 may take (preparing the run directory, writing
+    a report) that the other ranks must not run past, nor wait on for ever
+    when rank 0 fails.
+    """
+    if not world.active:
+        return fn()
+    outcome: list = [None, None]
+    if world.is_main:
+        try:
+            outcome = [fn(), None]
+        except Exception as err:  # handed to every rank, then raised on rank 0 as it was
+            outcome = [None, (type(err).__name__, str(err))]
+            _collective("broadcasting an error", dist.broadcast_object_list, outcome, 0)
+            raise
+    _collective("waiting for rank 0", dist.broadcast_object_list, outcome, 0)
+    if outcome[1] is not None:
+        from .runs import RunError
+
+        raise RunError(f"rank 0 stopped: {outcome[1][1]}")
+    return outcome[0]
+
+
+def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum ``tensors`` over the ranks in place, in one flat buffer (one message per call)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    _collective("all_reduce", dist.all_reduce, flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def broadcast_parameters(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        _collective("broadcast", dist.broadcast, tensor.data, 0)
+
+
+def my_batches(world: World, num_batches: int) -> range:
+    """The batches this rank evaluates: every ``size``-th, from its rank."""
+    return range(world.rank, num_batches, world.size)
+
+
+def gather_batches(world: World, mine: dict[int, object], num_batches: int) -> list | None:
+    """Per-batch results gathered on rank 0, in batch order (None on the other ranks)."""
+    if not world.active:
+        return [mine[b] for b in range(num_batches)]
+    everyone = [None] * world.size if world.is_main else None
+    _collective("gather", dist.gather_object, mine, everyone, 0)
+    if not world.is_main:
+        return None
+    merged = {b: result for part in everyone for b, result in part.items()}
+    return [merged[b] for b in range(num_batches)]
+
+
+def batch_seed(seed: int, *index: int) -> int:
+    """A seed for one unit of work (an evaluation batch, a training shard), from ``seed``.
+
+    The same on every rank and in a single process, whichever rank does the
+    work: the random numbers belong to the work, not to the process.
+    """
+    return int(torch.randint(2**62, (), generator=_seeded(seed, *index)))
+
+
+def _seeded(seed: int, *index: int) -> torch.Generator:
+    value = seed
+    for i in index:
+        value = (value * 1_000_003 + i + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(value)
