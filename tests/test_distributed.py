@@ -1,0 +1,141 @@
+"""Two gloo processes on localhost, launched as a user launches them: torchrun."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference.commands.cli import main
+from inference.runs import TrainConfig
+from inference.svi import train
+
+SMALL = ["--hidden", "16", "--z-dim", "3", "--batch-size", "64", "--no-progress"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args, nproc=2, timeout=240, env=None, wait=True):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+               "-m", "inference.commands.cli", *args]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "ELBOLAB_DIST_TIMEOUT": "60",
+                   **(env or {})}  # fmt: skip
+    if not wait:
+        return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.run(command, env=environment, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def _weights(run: Path) -> dict:
+    return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+
+
+def _same(a: dict, b: dict, atol=0.0) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=atol, rtol=0) for k in a)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["--objective", "iwae", "--num-particles", "5"],
+     ["--model", "hvae", "--layers", "2", "--objective", "dreg", "--num-particles", "3"]],
+    ids=["vae-iwae", "hvae-dreg"],
+)  # fmt: skip
+def test_two_processes_train_the_parameters_of_one_process_and_resume(tmp_path, options):
+    both = tmp_path / "torchrun"
+    done = _torchrun("train", "--epochs", "3", "--out", str(both), *SMALL, *options)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("trained 3 epochs") == 1  # rank 0 alone reports
+    # One process, the same global batch of 64 in two pieces with the same seeds.
+    config = TrainConfig(epochs=3, hidden=[16], z_dim=3, batch_size=64)
+    for flag, value in zip(options[::2], options[1::2], strict=True):
+        name = flag[2:].replace("-", "_")
+        setattr(config, name, type(getattr(config, name) or 1)(value))
+    one = tmp_path / "single"
+    train(config, one, shards=2, progress=False)
+    assert _same(_weights(both), _weights(one), atol=1e-6)
+    rows = [json.loads(line) for line in (both / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_bound"] for r in rows] == pytest.approx([r["train_bound"] for r in ref])
+    # A distributed run resumes under torchrun and evaluates in one process.
+    part = tmp_path / "resumed"
+    assert _torchrun("train", "--epochs", "2", "--out", str(part), *SMALL, *options).returncode == 0
+    again = _torchrun("train", "--epochs", "3", "--resume", "--out", str(part), *SMALL, *options)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _same(_weights(part), _weights(both), atol=1e-6)
+    assert main(["evaluate", str(both), "--k", "1,5", "--limit", "20", "--no-progress"]) == 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_rank_that_dies_fails_the_job_without_hanging(tmp_path):
+    run = tmp_path / "run"
+    job = _torchrun("train", "--epochs", "500", "--out", str(run), *SMALL, wait=False)
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = _children(job.pid)
+    assert len(workers) == 2, workers
+    os.kill(max(workers), 9)
+    try:
+        _, err = job.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        pytest.fail("the job hung after a rank died")
+    assert job.returncode != 0
+    assert "exitcode  : -9" in err or "Signal 9" in err, err[-2000:]
+    # What was written stays whole: the last checkpoint loads and resumes in one process.
+    assert main(["evaluate", str(run), "--k", "1,2", "--limit", "5", "--no-progress"]) == 0
+
+
+def _die_or_train(rank: int, port: int, out: str, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), ELBOLAB_DIST_TIMEOUT="30")  # fmt: skip
+    from inference import distributed
+    from inference.commands.cli import main as cli
+
+    if rank == 1:
+        distributed.current()
+        os._exit(3)  # a peer that vanishes after joining, with no torchrun to notice it
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli(["train", "--epochs", "50", "--out", out, *SMALL])
+    queue.put((code, err.getvalue()))
+
+
+def test_without_torchrun_a_lost_peer_is_a_one_line_error(tmp_path):
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_die_or_train, args=(r, port, str(tmp_path / "r"), queue))
+             for r in range(2)]  # fmt: skip
+    for p in procs:
+        p.start()
+    code, err = queue.get(timeout=120)
+    for p in procs:
+        p.join(timeout=30)
+    assert code == 1 and err.startswith("elbolab: error: rank 0:"), err
+    assert "a peer process died or did not answer" in err and len(err.strip().splitlines()) == 1
