@@ -23,6 +23,7 @@ import torch
 
 from ppl_models.rbm import RBM, sample_bernoulli
 
+from . import distributed
 from .data import load_dataset
 from .partition import exact_log_partition
 from .runs import (
@@ -156,6 +157,17 @@ def _cd_update(rbm, v, h_chains, config, velocity, lr: float) -> torch.Tensor:
     with ``addmm_`` so that the (n_visible, n_hidden) matrices are touched as
     few times as possible.
     """
+    ph_data, v_neg, ph, h = _phases(rbm, v, h_chains, config)
+    step_size = lr / v.shape[0]
+    vel = velocity["W"].mul_(config.momentum)
+    vel.addmm_(v.T, ph_data, alpha=step_size).addmm_(v_neg.T, ph, alpha=-step_size)
+    _step(rbm, v.sum(0) - v_neg.sum(0), ph_data.sum(0) - ph.sum(0), config, velocity, lr,
+          step_size)  # fmt: skip
+    return h
+
+
+def _phases(rbm, v, h_chains, config):
+    """Data and model phases: p(h|v_data), the negative visibles, p(h|v_neg), the chains' h."""
     ph_data = torch.addmm(rbm.b_h, v, rbm.W).sigmoid_()
     persistent = config.method == "pcd"
     h = h_chains if persistent else sample_bernoulli(ph_data)
@@ -164,16 +176,47 @@ def _cd_update(rbm, v, h_chains, config, velocity, lr: float) -> torch.Tensor:
         ph = torch.addmm(rbm.b_h, v_neg, rbm.W).sigmoid_()
         if persistent or step + 1 < config.cd_steps:
             h = sample_bernoulli(ph)
-    step_size = lr / v.shape[0]
-    vel = velocity["W"].mul_(config.momentum)
-    vel.addmm_(v.T, ph_data, alpha=step_size).addmm_(v_neg.T, ph, alpha=-step_size)
+    return ph_data, v_neg, ph, h
+
+
+def _step(rbm, grad_b_v, grad_b_h, config, velocity, lr: float, step_size: float) -> None:
+    """Weight decay, the bias velocities and the parameter step (velocity["W"] holds its grad)."""
     if config.weight_decay:
-        vel.add_(rbm.W, alpha=-lr * config.weight_decay)
-    velocity["b_v"].mul_(config.momentum).add_(v.sum(0) - v_neg.sum(0), alpha=step_size)
-    velocity["b_h"].mul_(config.momentum).add_(ph_data.sum(0) - ph.sum(0), alpha=step_size)
+        velocity["W"].add_(rbm.W, alpha=-lr * config.weight_decay)
+    velocity["b_v"].mul_(config.momentum).add_(grad_b_v, alpha=step_size)
+    velocity["b_h"].mul_(config.momentum).add_(grad_b_h, alpha=step_size)
     for name in ("W", "b_v", "b_h"):
         getattr(rbm, name).add_(velocity[name])
-    return h
+
+
+def _cd_update_sharded(rbm, x, chains, pieces, config, velocity, lr: float, *, seeds, world):
+    """:func:`_cd_update` on a global batch split into ``pieces`` (row indices of the batch).
+
+    This rank takes the pieces ``world.rank``, ``world.rank + world.size``, ...,
+    each with its data rows ``x[piece]``, its persistent chains and its own
+    seed. Their statistics are summed, over the pieces and then over the
+    ranks (one all-reduce, which also brings every rank every chain's new
+    state), and every rank takes the same step, the one a single process
+    with the same pieces takes.
+    """
+    batch = sum(len(piece) for piece in pieces)
+    grad_w = torch.zeros_like(rbm.W)
+    grad_b_v, grad_b_h = torch.zeros_like(rbm.b_v), torch.zeros_like(rbm.b_h)
+    new_chains = torch.zeros_like(chains[:batch])
+    for s in range(world.rank, len(pieces), world.size):
+        torch.manual_seed(seeds[s])
+        v = x[pieces[s]]
+        ph_data, v_neg, ph, h = _phases(rbm, v, chains[pieces[s]], config)
+        grad_w.addmm_(v.T, ph_data).addmm_(v_neg.T, ph, alpha=-1.0)
+        grad_b_v += v.sum(0) - v_neg.sum(0)
+        grad_b_h += ph_data.sum(0) - ph.sum(0)
+        new_chains[pieces[s]] = h
+    if world.active:
+        distributed.all_reduce_sum([grad_w, grad_b_v, grad_b_h, new_chains])
+    step_size = lr / batch
+    velocity["W"].mul_(config.momentum).add_(grad_w, alpha=step_size)
+    _step(rbm, grad_b_v, grad_b_h, config, velocity, lr, step_size)
+    return new_chains
 
 
 def train_rbm(
@@ -183,8 +226,13 @@ def train_rbm(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    shards: int | None = None,
 ) -> RBM:
     """Train an RBM with CD-k or PCD-k, writing a run directory like ``elbolab train``.
+
+    Under torchrun the ranks share each global batch (``shards`` pieces, by
+    default one per process, as in :func:`inference.svi.train`): their
+    contrastive statistics are summed and every rank takes the same step.
 
     Per epoch, ``metrics.jsonl`` gets the reconstruction error and the
     pseudo-log-likelihood of the held-out split, and its exact log-likelihood
@@ -197,7 +245,14 @@ def train_rbm(
         When a parameter becomes NaN or infinite; the last good checkpoint stays.
     """
     out = Path(out)
-    config = prepare_run(config.validate(), out, resume, overwrite=overwrite)
+    world = distributed.current()
+    shards = shards or world.size
+    if shards < world.size:
+        raise ValueError(f"shards={shards} is fewer than the {world.size} processes")
+    config.validate()
+    config = distributed.on_main(
+        world, lambda: prepare_run(config, out, resume, overwrite=overwrite)
+    )
     torch.manual_seed(config.seed)
     dataset = load_dataset(config.data, path=config.data_path)
     x_train = dataset.split("train")[: config.train_limit]
@@ -226,14 +281,23 @@ def train_rbm(
     def epoch(index: int, bar) -> dict:
         chains, lr = run["hidden_chains"], learning_rate(config, index)
         order = torch.randperm(num_data, generator=shuffle)
-        for begin in range(0, num_data, config.batch_size):
-            v = x_train[order[begin : begin + config.batch_size]]
-            new = _cd_update(rbm, v, chains[: v.shape[0]], config, run["velocity"], lr)
+        velocity = run["velocity"]
+        for step, begin in enumerate(range(0, num_data, config.batch_size)):
+            rows = order[begin : begin + config.batch_size]
+            if shards > 1:  # pieces of the batch, each with its own seed
+                pieces = torch.tensor_split(torch.arange(len(rows)), shards)
+                seeds = [distributed.batch_seed(config.seed, index, step, i) for i in range(shards)]
+                new = _cd_update_sharded(rbm, x_train[rows], chains, pieces, config, velocity, lr,
+                                         seeds=seeds, world=world)  # fmt: skip
+            else:
+                new = _cd_update(rbm, x_train[rows], chains[: len(rows)], config, velocity, lr)
             if config.method == "pcd":
-                chains[: v.shape[0]] = new
+                chains[: len(rows)] = new
             bar.update(1)
         for name, param in rbm.named_parameters():
             check_finite(param, out, index, f"the RBM's {name} is not finite")
+        if not world.is_main:  # rank 0 alone measures and writes
+            return {}
         row = {
             "method": f"{config.method}-{config.cd_steps}",
             "reconstruction_error": reconstruction_error(rbm, x_heldout),
@@ -248,7 +312,7 @@ def train_rbm(
 
     steps = math.ceil(num_data / config.batch_size)
     trainer = Trainer(start, epoch, state, steps, f"rbm/{config.method}-{config.cd_steps}")
-    fit(trainer, config, out, resume=resume, progress=progress)
+    fit(trainer, config, out, resume=resume, progress=progress, world=world)
     return rbm
 
 

@@ -167,6 +167,8 @@ def add_parser(sub) -> None:
 def run_train(args: argparse.Namespace) -> int:
     config = config_from(args, RBMConfig())
     last = train_from_args(train_rbm, config, args)
+    if not last:  # another rank than 0 of a torchrun job
+        return 0
     exact = last.get("exact_log_likelihood")
     print(
         f"trained {last['epoch']} epochs ({last['method']}) in {last['elapsed']:.1f} s: "
