@@ -128,7 +128,6 @@ class WordDropout(dist.TorchDistribution):
 
     def __init__(self, counts: torch.Tensor, keep_logits: torch.Tensor, validate_args=None):
         shape = torch.broadcast_shapes(counts.shape, keep_logits.shape)
-        self.documents = counts
         self.counts = counts.expand(shape)
         self.keep_logits = keep_logits.expand(shape)
         words = counts[..., UNK_INDEX + 1 :]
@@ -141,7 +140,6 @@ class WordDropout(dist.TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(WordDropout, _instance)
         shape = torch.Size(batch_shape) + self.event_shape
-        new.documents = self.documents
         new.counts = self.counts.expand(shape)
         new.keep_logits = self.keep_logits.expand(shape)
         new.columns = self.columns.expand(shape[:-1] + self.columns.shape[-1:])
