@@ -218,3 +218,28 @@ def plot_bdmc(report: dict, path: Path) -> Path:
     ax.legend(loc="best")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_experiment(result: dict, path: Path) -> Path:
+    """One panel per column of an experiment's table: each variant's mean +- s.e. across seeds."""
+    table = result["table"]
+    variants = list(table)
+    columns = [c for c in next(iter(table.values())) if not all(
+        math.isnan(table[v][c]["mean"]) for v in variants)]  # fmt: skip
+    cols = min(4, len(columns))
+    rows = math.ceil(len(columns) / cols)
+    fig, axes = _pyplot().subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    positions = np.arange(len(variants))
+    for ax, column in zip(axes.flat, columns, strict=False):
+        means = [table[v][column]["mean"] for v in variants]
+        errs = [table[v][column]["stderr"] for v in variants]
+        ax.errorbar(positions, means, yerr=errs, fmt="o", capsize=3)
+        ax.set_title(column, fontsize=9)
+        ax.set_xticks(positions, variants, rotation=45, ha="right", fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(columns) :]:
+        ax.axis("off")
+    fig.suptitle(f"{result.get('experiment', '')}: {result['data']}, seeds {result['seeds']} "
+                 "(mean +- s.e. across seeds)", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    return _save(fig, path)

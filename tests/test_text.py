@@ -344,6 +344,7 @@ def test_text_from_the_command_line(tmp_path, capsys):
                  "0", "--k", "10", "--inner-samples", "1,2", "--limit", "6", "--hidden", "8",
                  "--z-dim", "2", "--rates", "0.2", "--no-progress"]) == 0  # fmt: skip
     result = json.loads((exp / "experiment.json").read_text())
+    assert (exp / "experiment.png").stat().st_size > 0
     assert list(result["table"]) == ["none (L=1)", "uniform 0.2", "frequency 0.2"]
     alpha = result["alphas"]["frequency 0.2"]
     assert result["drop_rates_of_alphas"]["frequency 0.2"] == pytest.approx(0.2, abs=1e-3)

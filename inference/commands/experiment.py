@@ -30,6 +30,7 @@ from ppl_models.text import alpha_for_rate, expected_drop_rate
 from ..bounds import summary
 from ..data import TEXT_DATASETS, load_dataset
 from ..objectives import OBJECTIVES
+from ..plots import plot_experiment
 from ..runs import (
     CONFIG,
     RunError,
@@ -179,6 +180,7 @@ def run_variants(
         "seconds": time.perf_counter() - tic,
     }
     write_json(out / "experiment.json", result)
+    plot_experiment(result, out / "experiment.png")
     return result
 
 
@@ -312,5 +314,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = stochastic_layers(data=args.data or "digits", **settings)
     print(format_experiment(result))
-    print(f"written {out}/experiment.json")
+    print(f"written {out}/experiment.json, experiment.png")
     return 0
