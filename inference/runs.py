@@ -149,6 +149,7 @@ class TrainConfig(RunConfig):
     min_count: int | None = None  # text data: vocabulary options (see inference.data)
     max_vocab: int | None = None
     device: str = "cpu"
+    compile: bool = False  # the training step captured and compiled (see inference.compiled)
     model_sha256: str | None = None  # of a user model's file (see inference.user_model)
     extra: dict = field(default_factory=dict)
 

@@ -19,6 +19,7 @@ import torch
 
 from . import distributed, user_model
 from .bounds import elbo_bound
+from .compiled import CompiledStep
 from .objectives import make_objective
 from .runs import (
     TrainConfig,
@@ -110,7 +111,7 @@ def train(
     if user_model.is_reference(config.model):
         config.model = user_model.resolve(config.model)
     config = distributed.on_main(world, lambda: prepare_run(
-        config, out, resume, overwrite=overwrite, changeable=("epochs", "device")
+        config, out, resume, overwrite=overwrite, changeable=("epochs", "device", "compile")
     ))  # fmt: skip
     if user_model.is_reference(config.model):
         if resume:
@@ -146,6 +147,10 @@ def train(
         if world.active:  # the same start on every rank, whatever each one read
             distributed.broadcast_parameters(model)
 
+    # One process: the step captured and compiled for the full minibatch's shape (--compile).
+    compiled = config.compile and shards == 1
+    stepper = CompiledStep(model, objective, scale_kwargs) if compiled else None
+
     def sharded_loss(index: int, step: int, rows: torch.Tensor) -> torch.Tensor:
         """The batch's loss with the gradient of the whole batch, from this rank's pieces."""
         pieces = torch.tensor_split(rows, shards)
@@ -176,12 +181,14 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             if shards > 1:
                 loss = sharded_loss(index, step, rows)
+            elif stepper is not None:  # loss and gradients in one compiled call
+                loss = stepper(x_train[rows])
             else:
                 xb = x_train[rows]
                 loss = objective.differentiable_loss(model.model, model.guide, xb, **scale_kwargs)
             value = float(loss.detach())
             check_finite(value, out, index, f"the {config.objective} loss is {value}", step=step)
-            if shards == 1:
+            if shards == 1 and stepper is None:
                 loss.backward()
             optimizer.step()
             # per datapoint: the loss estimates N times it when scaled, B times it when not
@@ -198,12 +205,17 @@ def train(
         model.train()
         bound = -total / steps_per_epoch
         bar.set_postfix(bound=f"{bound:.2f}", heldout=f"{heldout:.2f}")
-        return {
+        row = {
             "objective": config.objective,
             "num_particles": config.num_particles,
             "train_bound": bound,
             f"{dataset.heldout_split}_elbo": heldout,
         }
+        if stepper is not None:
+            row["compiled"] = stepper.fallback is None
+            row["compile_seconds"] = stepper.compile_seconds
+            stepper.compile_seconds = 0.0  # reported in the epoch that paid it
+        return row
 
     def state() -> dict:
         return {

@@ -50,6 +50,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--min-count", type=int, help="text: fewer training occurrences are <unk> (2)")
     p.add_argument("--max-vocab", type=int, help="text: most frequent words kept (10000)")
+    p.add_argument(
+        "--compile", action="store_true", default=None,
+        help="capture the training step once and compile it (torch.compile, inductor)",
+    )  # fmt: skip
     add_flags(p, "seed", "device", seed=None, seed_shown=0, device=None, device_shown="cpu")
     add_flags(p, "no_progress")
 
