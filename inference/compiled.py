@@ -109,17 +109,19 @@ class CompiledStep:
         loss = self.eager(x)  # also lets the objective settle its plate layout before capture
         eager_grads = [p.grad.clone() for p in self.params]
         try:
-            with pyro.validation_enabled(False):
+            with pyro.validation_enabled(False), warnings.catch_warnings():
+                # torch's own deprecation notices while it compiles are no reason to stay eager
+                warnings.simplefilter("ignore", DeprecationWarning)
                 inputs = [p.detach().requires_grad_() for p in self.params]
                 graph = make_fx(lambda params, x: self._step(params, x), tracing_mode="fake")(
                     inputs, x
                 )
-            with inductor.patch(fallback_random=True):
-                compiled = torch.compile(graph, dynamic=False)
-                torch.set_rng_state(state)
-                c_loss, c_grads = compiled([p.detach() for p in self.params], x)
+                with inductor.patch(fallback_random=True):
+                    compiled = torch.compile(graph, dynamic=False)
+                    torch.set_rng_state(state)
+                    c_loss, c_grads = compiled([p.detach() for p in self.params], x)
         except Exception as err:  # any failure of capture or compilation: stay eager
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
             return self._give_up(f"{type(err).__name__}: {first[:200]}", tic, loss)
         mismatch = _mismatch(loss, c_loss, eager_grads, c_grads)
         if mismatch:

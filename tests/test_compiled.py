@@ -1,0 +1,117 @@
+"""The compiled training step against the eager one: same loss, gradients, training, resume."""
+
+import importlib.util
+import json
+import warnings
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from inference.compiled import CompiledStep
+from inference.objectives import make_objective
+from inference.runs import TrainConfig
+from inference.svi import train
+from ppl_models import VAE, HierarchicalVAE
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "my_vae.py"
+
+
+def _pyro_example_vae(x_dim):
+    spec = importlib.util.spec_from_file_location("my_vae", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_model(x_dim)
+
+
+@pytest.mark.parametrize(
+    "build, objective, kwargs",
+    [
+        (lambda: VAE(64, hidden=[32], z_dim=4), "iwae", {"num_data": 1000}),
+        (lambda: HierarchicalVAE(64, layers=2, hidden=[32], z_dim=4), "dreg", {"num_data": 1000}),
+        (lambda: _pyro_example_vae(64), "elbo", {}),  # pyro.module, Pyro's own way
+    ],
+    ids=["vae-iwae", "hvae-dreg", "pyro-example-elbo"],
+)
+def test_compiled_step_equals_the_eager_step(build, objective, kwargs):
+    pyro.set_rng_seed(0)
+    model = build()
+    x = (torch.rand(32, 64) < 0.3).float()
+    step = CompiledStep(model, make_objective(objective, num_particles=5), kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="training eagerly")  # a fallback warns
+        step(x)  # capture, compile and the first-step check
+    assert step.compiled is not None and step.fallback is None and step.compile_seconds > 0
+    params = step.params
+    for seed in (1, 2):  # later steps: the same noise from the same state, in both paths
+        torch.manual_seed(seed)
+        loss = step(x)
+        compiled = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        torch.manual_seed(seed)
+        eager_loss = step.eager(x)
+        assert float(loss) == pytest.approx(float(eager_loss), rel=1e-5)
+        for c, p in zip(compiled, params, strict=True):
+            assert torch.allclose(c, p.grad, rtol=1e-4, atol=1e-5 * float(p.grad.abs().max()))
+    # another shape (an epoch's last minibatch) runs eagerly, with no recompilation
+    assert step(x[:7]).shape == () and step.shape == x.shape
+
+
+class _DataDependent(torch.nn.Module):
+    """A model whose Python control flow depends on the data's values: it cannot be captured."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc = torch.nn.Parameter(torch.zeros(3))
+
+    def model(self, x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+            scale = 2.0 if float(x.sum()) > 0 else 1.0
+            pyro.sample("x", dist.Normal(z, scale).to_event(1), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(self.loc + 0 * x, 1.0).to_event(1))
+
+
+def test_a_model_that_cannot_be_captured_trains_eagerly_and_says_so():
+    model = _DataDependent()
+    step = CompiledStep(model, make_objective("elbo"), {})
+    x = torch.randn(8, 3)
+    with pytest.warns(RuntimeWarning, match="training eagerly"):
+        loss = step(x)
+    assert step.compiled is None and "DataDependent" in step.fallback
+    assert torch.isfinite(loss) and model.loc.grad is not None
+    model.loc.grad = None
+    step(x)  # eager from now on, silently
+    assert model.loc.grad is not None
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_compiled_training_matches_eager_training_and_resumes(tmp_path):
+    options = dict(epochs=3, hidden=[32], z_dim=4, batch_size=128, num_particles=5)
+    train(TrainConfig(**options), tmp_path / "eager", progress=False)
+    train(TrainConfig(**options, compile=True), tmp_path / "compiled", progress=False)
+    eager, compiled = _metrics(tmp_path / "eager"), _metrics(tmp_path / "compiled")
+    assert compiled[0]["compiled"] and compiled[0]["compile_seconds"] > 0
+    assert compiled[1]["compile_seconds"] == 0.0  # reported once, in the epoch that paid it
+    for a, b in zip(eager, compiled, strict=True):
+        assert b["train_bound"] == pytest.approx(a["train_bound"], rel=1e-4)
+    w_eager = torch.load(tmp_path / "eager" / "checkpoint.pt", weights_only=True)["model"]
+    w_comp = torch.load(tmp_path / "compiled" / "checkpoint.pt", weights_only=True)["model"]
+    for k in w_eager:
+        assert torch.allclose(w_eager[k], w_comp[k], atol=1e-3), k
+    # resume: 2 epochs, then a third, compiled again, equals the 3 epochs straight
+    part = tmp_path / "part"
+    train(TrainConfig(**{**options, "epochs": 2}, compile=True), part, progress=False)
+    train(TrainConfig(**options, compile=True), part, resume=True, progress=False)
+    w_part = torch.load(part / "checkpoint.pt", weights_only=True)["model"]
+    for k in w_comp:
+        assert torch.allclose(w_part[k], w_comp[k], atol=1e-6), k
