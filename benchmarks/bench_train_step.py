@@ -5,10 +5,13 @@ The reference is the VAE a person writes by hand in plain PyTorch: the same
 single-sample ELBO (or IWAE-K) as one expression, ``torch.optim.Adam`` with
 its defaults. elbolab's step is what ``elbolab train`` runs:
 ``make_objective(...).differentiable_loss(vae.model, vae.guide, x, num_data=N)``,
-backward and its optimiser, with Pyro's validation off. Pyro's own
-``Trace_ELBO`` step is timed too. Runs are interleaved; medians are reported.
+backward and its optimiser, with Pyro's validation off; and the same step
+compiled (``elbolab train --compile``: :class:`inference.compiled.CompiledStep`,
+its compilation done before the timing and reported apart). DReG is timed
+against IWAE at the same K. Pyro's own ``Trace_ELBO`` step is timed too.
+Runs are interleaved; medians are reported.
 
-    python benchmarks/bench_train_step.py [--rounds 9] [--steps 20]
+    python benchmarks/bench_train_step.py [--rounds 9] [--steps 20] [--batch-size 128]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from common import interleaved, mnist_split, save
 from pyro.infer import Trace_ELBO
 from torch.nn import functional as F
 
+from inference.compiled import CompiledStep
 from inference.objectives import make_objective
 from inference.svi import make_optimizer
 from ppl_models import VAE
@@ -87,10 +91,28 @@ def main() -> None:
         obj = make_objective(name, num_particles=k)
         return lambda vae, x: obj.differentiable_loss(vae.model, vae.guide, x, num_data=num_data)
 
+    compile_seconds = {}
+
+    def compiled(name, k):
+        vae = copy.deepcopy(base)
+        opt = make_optimizer(vae, lr=1e-3)
+        step_fn = CompiledStep(vae, make_objective(name, num_particles=k), {"num_data": num_data})
+        step_fn(batch_of_data())  # capture and compile, outside the timing
+        assert step_fn.fallback is None, step_fn.fallback
+        compile_seconds[f"{name} K={k}"] = step_fn.compile_seconds
+        opt.step()
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            step_fn(batch_of_data())
+            opt.step()
+
+        return step
+
     trace_elbo = Trace_ELBO(num_particles=1, vectorize_particles=True)
     results = {}
     with pyro.validation_enabled(False):
-        for k in (1, 5):
+        for k in (1, 5, 50):
             name = "elbo" if k == 1 else "iwae"
             candidates = {
                 "hand-written": stepper(
@@ -100,7 +122,11 @@ def main() -> None:
                     lambda v, x, k=k: hand_written_loss(v, x, k, num_data), elbolab_opt
                 ),
                 f"elbolab {name}": stepper(objective(name, k), elbolab_opt),
+                f"elbolab {name}, compiled": compiled(name, k),
             }
+            if k > 1:
+                candidates["elbolab dreg"] = stepper(objective("dreg", k), elbolab_opt)
+                candidates["elbolab dreg, compiled"] = compiled("dreg", k)
             if k == 1:
                 candidates["pyro Trace_ELBO"] = stepper(
                     lambda v, x: trace_elbo.differentiable_loss(
@@ -121,7 +147,17 @@ def main() -> None:
                 f"{setting:<5} {name:<26} {row['steps_per_s']:8.1f} steps/s"
                 f"  {row['ms_per_step']:7.2f} ms  ratio {row['ratio']:.3f}"
             )
-    path = save("train_step", {"batch_size": batch, "rounds": args.rounds, "results": results})
+    for setting, seconds in compile_seconds.items():
+        print(f"compilation (once per run, not in the step times): {setting} {seconds:.1f} s")
+    path = save(
+        f"train_step_b{batch}",
+        {
+            "batch_size": batch,
+            "rounds": args.rounds,
+            "results": results,
+            "compile_seconds": compile_seconds,
+        },
+    )
     print(f"written {path}")
 
 
