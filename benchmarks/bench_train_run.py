@@ -45,9 +45,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--k", type=int, default=1, help="particles: 1 is the ELBO, more IWAE")
     args = parser.parse_args()
-    objective = ["--objective", "elbo"] if args.k == 1 else ["--objective", "iwae"]
+    objective = "elbo" if args.k == 1 else "iwae"
     common = ["--data", "binarized-mnist", "--epochs", str(args.epochs), "--batch-size", "128",
-              "--num-particles", str(args.k), *objective, "--no-progress", "--seed", "0"]  # fmt: skip
+              "--num-particles", str(args.k), "--objective", objective, "--no-progress"]  # fmt: skip
     elbolab = [sys.executable, "-m", "inference.commands.cli", "train", *common]
     hand = [sys.executable, str(HERE / "hand_written_vae.py"), "--epochs", str(args.epochs),
             "--k", str(args.k)]  # fmt: skip

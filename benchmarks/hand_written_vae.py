@@ -68,7 +68,8 @@ def main() -> None:
             loss.backward()
             opt.step()
         with torch.no_grad():
-            heldout = float(sum(vae.bound(valid[i : i + 1000], 1).sum() for i in range(0, 10000, 1000)))
+            parts = [vae.bound(valid[i : i + 1000], 1).sum() for i in range(0, len(valid), 1000)]
+            heldout = float(sum(parts))
         print(f"epoch {epoch + 1}: held-out ELBO {heldout / len(valid):.3f}")
     torch.save(vae.state_dict(), args.out)
 
