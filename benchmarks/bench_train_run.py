@@ -47,7 +47,8 @@ def main() -> None:
     args = parser.parse_args()
     objective = "elbo" if args.k == 1 else "iwae"
     common = ["--data", "binarized-mnist", "--epochs", str(args.epochs), "--batch-size", "128",
-              "--num-particles", str(args.k), "--objective", objective, "--no-progress"]  # fmt: skip
+              "--num-particles", str(args.k), "--objective", objective,
+              "--no-progress"]  # fmt: skip
     elbolab = [sys.executable, "-m", "inference.commands.cli", "train", *common]
     hand = [sys.executable, str(HERE / "hand_written_vae.py"), "--epochs", str(args.epochs),
             "--k", str(args.k)]  # fmt: skip
