@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,12 +31,6 @@ TRAIN = ["train", "--data", "binarized-mnist", "--objective", "iwae", "--num-par
          "--no-progress"]  # fmt: skip
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(module_args: list[str], *, procs: int, threads: int) -> subprocess.CompletedProcess:
     here = str(Path(__file__).resolve().parent)
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
@@ -46,9 +39,8 @@ def _launch(module_args: list[str], *, procs: int, threads: int) -> subprocess.C
     if procs == 1:
         command = [sys.executable, "-m", *module_args]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
-                   "--master-addr", "127.0.0.1", "--master-port", str(_port()), "-m",
-                   *module_args]  # fmt: skip
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node", str(procs), "-m", *module_args]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])

@@ -25,9 +25,9 @@ def _free_port() -> int:
 
 
 def _torchrun(*args, nproc=2, timeout=240, env=None, wait=True):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-               "-m", "inference.commands.cli", *args]  # fmt: skip
+    # --standalone: torchrun picks a free port itself (no race with other processes for one)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               str(nproc), "-m", "inference.commands.cli", *args]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "ELBOLAB_DIST_TIMEOUT": "60",
                    **(env or {})}  # fmt: skip
     if not wait:
@@ -69,7 +69,8 @@ def test_two_processes_train_the_parameters_of_one_process_and_resume(tmp_path, 
     assert [r["train_bound"] for r in rows] == pytest.approx([r["train_bound"] for r in ref])
     # A distributed run resumes under torchrun and evaluates in one process.
     part = tmp_path / "resumed"
-    assert _torchrun("train", "--epochs", "2", "--out", str(part), *SMALL, *options).returncode == 0
+    first = _torchrun("train", "--epochs", "2", "--out", str(part), *SMALL, *options)
+    assert first.returncode == 0, first.stderr[-2000:]
     again = _torchrun("train", "--epochs", "3", "--resume", "--out", str(part), *SMALL, *options)
     assert again.returncode == 0, again.stderr[-2000:]
     assert _same(_weights(part), _weights(both), atol=1e-6)
