@@ -27,7 +27,6 @@ from collections.abc import Callable
 
 import pyro
 import torch
-from torch.func import functional_call
 
 TOLERANCE = 1e-4  # relative, on the loss and on each gradient's norm
 
@@ -75,6 +74,8 @@ class CompiledStep:
         self.fallback: str | None = None
 
     def _step(self, params, x):
+        from torch.func import functional_call  # on first use: it imports torch._dynamo
+
         loss = functional_call(self.loss_module, dict(zip(self.names, params, strict=True)), (x,))
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         zero = torch.zeros_like

@@ -19,12 +19,12 @@ gather the per-datapoint results on rank 0 in datapoint order.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
 TIMEOUT_ENV = "ELBOLAB_DIST_TIMEOUT"  # seconds a collective may wait for a peer
 DEFAULT_TIMEOUT = 300
@@ -60,9 +60,12 @@ def current(device: str = "cpu") -> World:
     CUDA ``device``, else gloo; the timeout is ``ELBOLAB_DIST_TIMEOUT``
     seconds (default 300).
     """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 and "torch.distributed" not in sys.modules:
+        return SINGLE  # not importing torch.distributed keeps every command's start-up short
+    dist = _dist()
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size())
-    size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return SINGLE
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
@@ -73,8 +76,18 @@ def current(device: str = "cpu") -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
+def _dist():
+    """``torch.distributed``, imported on first use (it brings torch._dynamo: 0.8 s)."""
+    import torch.distributed
+
+    return torch.distributed
+
+
 def shutdown() -> None:
     """Leave the process group (at the end of a command)."""
+    if "torch.distributed" not in sys.modules:
+        return
+    dist = _dist()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -83,6 +96,7 @@ def _collective(name: str, fn: Callable, *args):
     try:
         return fn(*args)
     except RuntimeError as err:  # gloo / NCCL errors: a peer died, or the wait timed out
+        dist = _dist()
         rank = dist.get_rank() if dist.is_initialized() else 0
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DistributedError(
@@ -106,9 +120,9 @@ def on_main(world: World, fn: Callable[[], object]):
             outcome = [fn(), None]
         except Exception as err:  # handed to every rank, then raised on rank 0 as it was
             outcome = [None, (type(err).__name__, str(err))]
-            _collective("broadcasting an error", dist.broadcast_object_list, outcome, 0)
+            _collective("broadcasting an error", _dist().broadcast_object_list, outcome, 0)
             raise
-    _collective("waiting for rank 0", dist.broadcast_object_list, outcome, 0)
+    _collective("waiting for rank 0", _dist().broadcast_object_list, outcome, 0)
     if outcome[1] is not None:
         from .runs import RunError
 
@@ -119,7 +133,7 @@ def on_main(world: World, fn: Callable[[], object]):
 def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
     """Sum ``tensors`` over the ranks in place, in one flat buffer (one message per call)."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    _collective("all_reduce", dist.all_reduce, flat)
+    _collective("all_reduce", _dist().all_reduce, flat)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -129,7 +143,7 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
 def broadcast_parameters(module: torch.nn.Module) -> None:
     """Rank 0's parameters and buffers on every rank."""
     for tensor in [*module.parameters(), *module.buffers()]:
-        _collective("broadcast", dist.broadcast, tensor.data, 0)
+        _collective("broadcast", _dist().broadcast, tensor.data, 0)
 
 
 def my_batches(world: World, num_batches: int) -> range:
@@ -142,7 +156,7 @@ def gather_batches(world: World, mine: dict[int, object], num_batches: int) -> l
     if not world.active:
         return [mine[b] for b in range(num_batches)]
     everyone = [None] * world.size if world.is_main else None
-    _collective("gather", dist.gather_object, mine, everyone, 0)
+    _collective("gather", _dist().gather_object, mine, everyone, 0)
     if not world.is_main:
         return None
     merged = {b: result for part in everyone for b, result in part.items()}
