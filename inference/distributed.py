@@ -83,12 +83,18 @@ def _dist():
     return torch.distributed
 
 
-def shutdown() -> None:
-    """Leave the process group (at the end of a command)."""
+def shutdown(*, wait: bool = False) -> None:
+    """Leave the process group (at the end of a command).
+
+    ``wait``: first wait for every rank to arrive (a command that succeeded),
+    so that no rank closes its connections while another still uses them.
+    """
     if "torch.distributed" not in sys.modules:
         return
     dist = _dist()
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            _collective("waiting for every rank to finish", dist.barrier)
         dist.destroy_process_group()
 
 

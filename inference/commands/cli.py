@@ -54,7 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
-        return args.func(args)
+        code = args.func(args)
+        distributed.shutdown(wait=True)
+        return code
     except USER_ERRORS as err:
         print(f"elbolab: error: {err}", file=sys.stderr)
         return 1
