@@ -117,6 +117,7 @@ class CompiledStep:
                 graph = make_fx(lambda params, x: self._step(params, x), tracing_mode="fake")(
                     inputs, x
                 )
+                graph = _deduplicate(graph)
                 with inductor.patch(fallback_random=True):
                     compiled = torch.compile(graph, dynamic=False)
                     torch.set_rng_state(state)
@@ -141,6 +142,21 @@ class CompiledStep:
         warnings.warn(f"training eagerly: the step could not be compiled ({why})", RuntimeWarning,
                       stacklevel=3)  # fmt: skip
         return loss
+
+
+def _deduplicate(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The graph with repeated computations done once (common subexpressions).
+
+    A step recomputes what it already has: DReG evaluates the guide three
+    times on the same data, a plug-in replays it. Random and in-place
+    operations are never merged (each draw stays its own).
+    """
+    from torch.fx.passes.dialect.common.cse_pass import CSEPass, get_CSE_banned_ops
+
+    merged = CSEPass(banned_ops=get_CSE_banned_ops())(graph).graph_module
+    merged.graph._codegen = graph.graph._codegen  # the same (params, x) calling convention
+    merged.recompile()
+    return merged
 
 
 class _InductorRandom:
