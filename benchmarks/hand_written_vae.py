@@ -32,17 +32,25 @@ class VAE(nn.Module):
                                      nn.Tanh(), nn.Linear(hidden, x_dim))  # fmt: skip
 
     def bound(self, x, k):
-        loc, raw = self.encoder(x).split(self.z_dim, -1)
-        scale = F.softplus(raw) + 1e-4
-        eps = torch.randn(k, *loc.shape)
-        z = loc + scale * eps
-        log_q = (-0.5 * eps**2 - scale.log() - HALF_LOG_2PI).sum(-1)
-        log_pz = (-0.5 * z**2 - HALF_LOG_2PI).sum(-1)
-        logits = self.decoder(z)
-        log_px = -F.binary_cross_entropy_with_logits(
-            logits, x.expand(k, -1, -1), reduction="none"
-        ).sum(-1)
-        return torch.logsumexp(log_pz + log_px - log_q, 0) - math.log(k)
+        return hand_written_bound(self.encoder, self.decoder, self.z_dim, x, k)
+
+
+def hand_written_bound(encoder, decoder, z_dim: int, x: torch.Tensor, k: int) -> torch.Tensor:
+    """ELBO (k = 1) or IWAE-k bound per datapoint, one expression in plain torch.
+
+    Also the reference step of bench_train_step.py (with elbolab's VAE's networks).
+    """
+    loc, raw = encoder(x).split(z_dim, -1)
+    scale = F.softplus(raw) + 1e-4
+    eps = torch.randn(k, *loc.shape)
+    z = loc + scale * eps
+    log_q = (-0.5 * eps**2 - scale.log() - HALF_LOG_2PI).sum(-1)
+    log_pz = (-0.5 * z**2 - HALF_LOG_2PI).sum(-1)
+    logits = decoder(z)
+    log_px = -F.binary_cross_entropy_with_logits(logits, x.expand(k, -1, -1), reduction="none").sum(
+        -1
+    )
+    return torch.logsumexp(log_pz + log_px - log_q, 0) - math.log(k)
 
 
 def main() -> None:

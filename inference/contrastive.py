@@ -189,28 +189,28 @@ def _step(rbm, grad_b_v, grad_b_h, config, velocity, lr: float, step_size: float
         getattr(rbm, name).add_(velocity[name])
 
 
-def _cd_update_sharded(rbm, x, chains, pieces, config, velocity, lr: float, *, seeds, world):
-    """:func:`_cd_update` on a global batch split into ``pieces`` (row indices of the batch).
+def _cd_update_sharded(rbm, x, chains, pieces, config, velocity, lr: float, *, world):
+    """:func:`_cd_update` on a global batch ``x`` of which this rank computes ``pieces``.
 
-    This rank takes the pieces ``world.rank``, ``world.rank + world.size``, ...,
-    each with its data rows ``x[piece]``, its persistent chains and its own
-    seed. Their statistics are summed, over the pieces and then over the
-    ranks (one all-reduce, which also brings every rank every chain's new
-    state), and every rank takes the same step, the one a single process
-    with the same pieces takes.
+    ``pieces`` are (row positions, seed) of the batch's pieces that this rank
+    takes (:func:`~inference.distributed.my_pieces`), each with its data rows,
+    its persistent chains and its own seed. Their statistics are summed, over
+    the pieces and then over the ranks (one all-reduce, which also brings
+    every rank every chain's new state), and every rank takes the same step,
+    the one a single process with the same pieces takes.
     """
-    batch = sum(len(piece) for piece in pieces)
+    batch = len(x)
     grad_w = torch.zeros_like(rbm.W)
     grad_b_v, grad_b_h = torch.zeros_like(rbm.b_v), torch.zeros_like(rbm.b_h)
     new_chains = torch.zeros_like(chains[:batch])
-    for s in range(world.rank, len(pieces), world.size):
-        torch.manual_seed(seeds[s])
-        v = x[pieces[s]]
-        ph_data, v_neg, ph, h = _phases(rbm, v, chains[pieces[s]], config)
+    for piece, seed in pieces:
+        torch.manual_seed(seed)
+        v = x[piece]
+        ph_data, v_neg, ph, h = _phases(rbm, v, chains[piece], config)
         grad_w.addmm_(v.T, ph_data).addmm_(v_neg.T, ph, alpha=-1.0)
         grad_b_v += v.sum(0) - v_neg.sum(0)
         grad_b_h += ph_data.sum(0) - ph.sum(0)
-        new_chains[pieces[s]] = h
+        new_chains[piece] = h
     if world.active:
         distributed.all_reduce_sum([grad_w, grad_b_v, grad_b_h, new_chains])
     step_size = lr / batch
@@ -285,10 +285,12 @@ def train_rbm(
         for step, begin in enumerate(range(0, num_data, config.batch_size)):
             rows = order[begin : begin + config.batch_size]
             if shards > 1:  # pieces of the batch, each with its own seed
-                pieces = torch.tensor_split(torch.arange(len(rows)), shards)
-                seeds = [distributed.batch_seed(config.seed, index, step, i) for i in range(shards)]
+                pieces = [
+                    (piece, distributed.batch_seed(config.seed, index, step, i))
+                    for i, piece in distributed.my_pieces(world, len(rows), shards)
+                ]
                 new = _cd_update_sharded(rbm, x_train[rows], chains, pieces, config, velocity, lr,
-                                         seeds=seeds, world=world)  # fmt: skip
+                                         world=world)  # fmt: skip
             else:
                 new = _cd_update(rbm, x_train[rows], chains[: len(rows)], config, velocity, lr)
             if config.method == "pcd":

@@ -12,8 +12,9 @@ Who does what: every rank computes, rank 0 alone writes files
 every rank). Training averages nothing implicitly: each rank's loss is
 scaled to its share of the global batch and the gradients are summed
 (:func:`all_reduce_sum`), which equals the single-process gradient of that
-batch. Evaluations split whole batches of datapoints across ranks and
-gather the per-datapoint results on rank 0 in datapoint order.
+batch. Each piece of a batch draws its random numbers from a seed of its
+own (:func:`batch_seed`), so the numbers do not depend on which rank
+computes it.
 """
 
 from __future__ import annotations
@@ -152,25 +153,19 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
         _collective("broadcast", _dist().broadcast, tensor.data, 0)
 
 
-def my_batches(world: World, num_batches: int) -> range:
-    """The batches this rank evaluates: every ``size``-th, from its rank."""
-    return range(world.rank, num_batches, world.size)
+def my_pieces(world: World, size: int, shards: int) -> list[tuple[int, torch.Tensor]]:
+    """The pieces of a batch of ``size`` rows that this rank computes.
 
-
-def gather_batches(world: World, mine: dict[int, object], num_batches: int) -> list | None:
-    """Per-batch results gathered on rank 0, in batch order (None on the other ranks)."""
-    if not world.active:
-        return [mine[b] for b in range(num_batches)]
-    everyone = [None] * world.size if world.is_main else None
-    _collective("gather", _dist().gather_object, mine, everyone, 0)
-    if not world.is_main:
-        return None
-    merged = {b: result for part in everyone for b, result in part.items()}
-    return [merged[b] for b in range(num_batches)]
+    The batch is split into ``shards`` contiguous pieces, dealt round-robin
+    to the ranks; each is returned as (piece number, row positions), empty
+    pieces left out.
+    """
+    pieces = torch.tensor_split(torch.arange(size), shards)
+    return [(s, pieces[s]) for s in range(world.rank, shards, world.size) if len(pieces[s])]
 
 
 def batch_seed(seed: int, *index: int) -> int:
-    """A seed for one unit of work (an evaluation batch, a training shard), from ``seed``.
+    """A seed for one unit of work (a piece of a training batch, an epoch's held-out pass).
 
     The same on every rank and in a single process, whichever rank does the
     work: the random numbers belong to the work, not to the process.

@@ -153,16 +153,13 @@ def train(
 
     def sharded_loss(index: int, step: int, rows: torch.Tensor) -> torch.Tensor:
         """The batch's loss with the gradient of the whole batch, from this rank's pieces."""
-        pieces = torch.tensor_split(rows, shards)
         total = torch.zeros((), device=device)
-        for s in range(world.rank, shards, world.size):
-            if len(pieces[s]) == 0:
-                continue
+        for s, piece in distributed.my_pieces(world, len(rows), shards):
             torch.manual_seed(distributed.batch_seed(config.seed, index, step, s))
-            xb = x_train[pieces[s]]
+            xb = x_train[rows[piece]]
             loss = objective.differentiable_loss(model.model, model.guide, xb, **scale_kwargs)
             if takes_num_data:  # scaled by N/b for the piece: N/B for the batch
-                loss = loss * (len(pieces[s]) / len(rows))
+                loss = loss * (len(piece) / len(rows))
             loss.backward()
             total += loss.detach()
         params = [p for p in model.parameters() if p.requires_grad]

@@ -125,13 +125,18 @@ def evaluate_run(
     return report
 
 
-def perplexity_report(report: dict, counts: torch.Tensor, word_counts: torch.Tensor) -> dict:
-    """Per-word perplexity of every bound in ``report`` (text data), and the unigram's."""
+def bound_rows(report: dict) -> dict:
+    """The report's bounds by the names the table prints: ELBO, IWAE-k, AIS-T."""
     rows = {"ELBO": report["elbo"], **{f"IWAE-{k}": v for k, v in report["iwae"].items()}}
     if "ais" in report:
         rows[f"AIS-{report['ais']['num_temperatures']}"] = report["ais"]
+    return rows
+
+
+def perplexity_report(report: dict, counts: torch.Tensor, word_counts: torch.Tensor) -> dict:
+    """Per-word perplexity of every bound in ``report`` (text data), and the unigram's."""
     return {
-        "bounds": {name: perplexity(entry, counts) for name, entry in rows.items()},
+        "bounds": {name: perplexity(entry, counts) for name, entry in bound_rows(report).items()},
         "unigram": unigram_perplexity(counts, word_counts),
         "words": int(counts.sum()),
         "note": "per word, from log p(x) less the multinomial coefficient; a lower bound on "
@@ -161,10 +166,7 @@ def format_report(report: dict) -> str:
         f"{report['run']}: {report['split']} split, {report['num_datapoints']} datapoints, "
         f"{report['data']} ({report['binarization']}), seed {report['seed']}",
     ]
-    rows = {"ELBO": report["elbo"], **{f"IWAE-{k}": v for k, v in report["iwae"].items()}}
-    if "ais" in report:
-        rows[f"AIS-{report['ais']['num_temperatures']}"] = report["ais"]
-    lines += bound_table(rows)
+    lines += bound_table(bound_rows(report))
     dec = report["decomposition"]
     kind = "analytic" if report["kl_analytic"] else "Monte Carlo"
     lines.append(
