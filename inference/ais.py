@@ -47,7 +47,9 @@ from pyro import poutine
 from torch.distributions import constraints
 from tqdm.auto import tqdm
 
+from . import distributed
 from .bounds import Bound, iwae_bound, log_mean_weight_stderr, logsumexp
+from .distributed import World
 from .tracing import (
     Layout,
     dry_run,
@@ -420,15 +422,29 @@ def ais_over_data(
     data: torch.Tensor,
     *,
     batch_size: int = 100,
+    seed: int | None = None,
+    world: World | None = None,
     progress: bool = True,
     **settings,
 ) -> AISEstimate:
-    """:func:`annealed_log_marginal` over a data set in batches of datapoints (bounded memory)."""
-    parts = []
-    batches = range(0, data.shape[0], batch_size)
-    for start in tqdm(batches, desc="AIS", disable=not progress or len(batches) == 1, leave=False):
-        parts.append(annealed_log_marginal(model, guide, data[start : start + batch_size],
-                                           progress=progress, **settings))  # fmt: skip
+    """:func:`annealed_log_marginal` over a data set in batches of datapoints (bounded memory).
+
+    With a ``seed`` each batch has a random stream of its own and the batches
+    are shared among the processes of a torchrun job (see
+    :func:`inference.distributed.map_units`): the same numbers for any number
+    of processes.
+    """
+    units = -(-data.shape[0] // batch_size)
+
+    def batch(u: int) -> AISEstimate:
+        xb = data[u * batch_size : (u + 1) * batch_size]
+        return annealed_log_marginal(model, guide, xb, progress=progress and units == 1,
+                                     **settings)  # fmt: skip
+
+    parts = distributed.map_units(
+        units, batch, seed=None if seed is None else (seed, distributed.STREAM_AIS), world=world,
+        desc="AIS", progress=progress,
+    )  # fmt: skip
     return AISEstimate(
         torch.cat([p.value for p in parts]),
         torch.cat([p.stderr for p in parts]),

@@ -15,20 +15,32 @@ scaled to its share of the global batch and the gradients are summed
 batch. Each piece of a batch draws its random numbers from a seed of its
 own (:func:`batch_seed`), so the numbers do not depend on which rank
 computes it.
+
+Evaluation is split the same way (:func:`map_units`): a data set's batches
+(or an AIS run's pieces of chains) are units of work dealt round-robin to
+the ranks, each unit seeded from ``--seed`` and its own index, and the
+results of all units are gathered, in order, on every rank. Any number of
+processes then gives the numbers of one process, bit for bit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 TIMEOUT_ENV = "ELBOLAB_DIST_TIMEOUT"  # seconds a collective may wait for a peer
 DEFAULT_TIMEOUT = 300
+# The random streams of evaluation's units of work, seeded (seed, stream, unit).
+STREAM_IWAE, STREAM_AIS, STREAM_GAPS, STREAM_GAPS_WHOLE = range(4)
 
 
 class DistributedError(RuntimeError):
@@ -178,3 +190,61 @@ def _seeded(seed: int, *index: int) -> torch.Generator:
     for i in index:
         value = (value * 1_000_003 + i + 1) % (2**63 - 1)
     return torch.Generator().manual_seed(value)
+
+
+def map_units(
+    units: int,
+    work: Callable[[int], object],
+    *,
+    seed: Sequence[int] | None,
+    world: World | None = None,
+    desc: str = "",
+    progress: bool = True,
+) -> list:
+    """``[work(0), ..., work(units - 1)]``, the units shared among the ranks; on every rank.
+
+    Unit ``u`` is computed by rank ``u % size`` only, after the global random
+    state (torch, numpy, random) was seeded with ``batch_seed(*seed, u)``:
+    its random numbers belong to the unit, so the list is the same for any
+    number of processes. ``seed=None``: no re-seeding (for work that seeds
+    a generator of its own).
+    Results (nested dicts, lists, tuples and dataclasses of tensors) are
+    moved to the CPU and gathered with one ``all_gather_object``.
+    """
+    world = current() if world is None else world
+    mine = range(world.rank, units, world.size)
+    show = progress and world.is_main and len(mine) > 1
+    done = []
+    for u in tqdm(mine, desc=desc, disable=not show, leave=False):
+        if seed is not None:
+            seed_all(batch_seed(*seed, u))
+        done.append(_to_cpu(work(u)) if world.active else work(u))
+    if not world.active:
+        return done
+    gathered: list = [None] * world.size
+    _collective("gathering results", _dist().all_gather_object, gathered, done)
+    results: list = [None] * units
+    for rank, theirs in enumerate(gathered):
+        for u, result in zip(range(rank, units, world.size), theirs, strict=True):
+            results[u] = result
+    return results
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch, numpy and random (as ``pyro.set_rng_seed``, for seeds up to 2^63)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: _to_cpu(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **changes)
+    return value

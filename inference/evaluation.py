@@ -9,11 +9,12 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ppl_models.text import log_multinomial_coefficient
 
+from . import distributed
 from .bounds import Bound, elbo_bound, iwae_bound, summary
+from .distributed import World
 from .tracing import elbo_decomposition, log_importance_weights
 
 
@@ -31,6 +32,8 @@ def evaluate_bounds(
     max_rows: int = 2_000,
     decomposition_particles: int = 100,
     statistics: Mapping[str, Callable[[torch.Tensor], object]] | None = None,
+    seed: int | None = None,
+    world: World | None = None,
     progress: bool = True,
 ) -> dict:
     """ELBO, IWAE-k for every k in ``ks`` and the ELBO decomposition over a data set.
@@ -41,6 +44,12 @@ def evaluate_bounds(
 
     ``statistics`` maps names to functions of a batch's (K, B) log weights
     that return one value per datapoint (for example the PSIS k-hat).
+
+    With a ``seed`` each batch draws its particles from a seed of its own
+    (``seed`` and the batch's number), and the batches are shared among the
+    processes of a torchrun job (``world``, default: this process's): the
+    numbers depend on ``seed`` and ``batch_size``, not on the number of
+    processes. Without one the particles come from the global random state.
 
     Returns
     -------
@@ -53,31 +62,34 @@ def evaluate_bounds(
         raise ValueError(f"ks must be positive integers, got {ks}")
     k_max = ks[-1]
     chunk = max(1, max_rows // batch_size)
-    parts: dict[str, list[torch.Tensor]] = {}
 
-    def add(name: str, tensor: torch.Tensor) -> None:
-        parts.setdefault(name, []).append(tensor)
-
-    batches = range(0, data.shape[0], batch_size)
-    for start in tqdm(batches, desc=f"IWAE-{k_max}", disable=not progress, leave=False):
-        xb = data[start : start + batch_size]
+    def batch(u: int) -> dict[str, torch.Tensor]:
+        xb = data[u * batch_size : (u + 1) * batch_size]
         log_w = log_importance_weights(model, guide, xb, num_particles=k_max, chunk_size=chunk)
-        for name, fn in (statistics or {}).items():
-            add(f"statistics/{name}", torch.as_tensor(fn(log_w)).reshape(-1))
+        out = {
+            f"statistics/{name}": torch.as_tensor(fn(log_w)).reshape(-1)
+            for name, fn in (statistics or {}).items()
+        }
         elbo = elbo_bound(log_w)
-        add("elbo", elbo.value)
-        add("elbo_se", elbo.stderr)
+        out["elbo"], out["elbo_se"] = elbo.value, elbo.stderr
         for k in ks:
             bound = iwae_bound(log_w, k=k)
-            add(f"iwae{k}", bound.value)
-            add(f"iwae{k}_se", bound.stderr)
+            out[f"iwae{k}"], out[f"iwae{k}_se"] = bound.value, bound.stderr
         parts_dec = elbo_decomposition(
             model, guide, xb, num_particles=min(decomposition_particles, k_max)
         )
         for name, value in parts_dec.items():
             if name != "kl_analytic":
-                add(f"decomposition/{name}", value)
-        add("kl_analytic", torch.tensor([parts_dec["kl_analytic"]]))
+                out[f"decomposition/{name}"] = value
+        out["kl_analytic"] = torch.tensor([parts_dec["kl_analytic"]])
+        return out
+
+    units = -(-data.shape[0] // batch_size)
+    results = distributed.map_units(
+        units, batch, seed=None if seed is None else (seed, distributed.STREAM_IWAE), world=world,
+        desc=f"IWAE-{k_max}", progress=progress,
+    )  # fmt: skip
+    parts = {name: [r[name] for r in results] for name in results[0]}
     cat = {name: torch.cat(values) for name, values in parts.items()}
     return {
         "elbo": Bound(cat["elbo"], cat["elbo_se"]),

@@ -54,6 +54,20 @@ class PartitionEstimate:
     final_states: torch.Tensor | None = None
     """Visible states of the chains at the end of the path: approximate samples
     of the RBM after forward AIS, of the base-rate model after reverse AIS."""
+    offset: float = 0.0
+    """log Z_A of the base-rate model: log_z = offset + sign log mean(w)."""
+    sign: float = 1.0
+
+
+def join_estimates(parts: list[PartitionEstimate]) -> PartitionEstimate:
+    """One estimate from the chains of several runs of the same path (pieces of one AIS run)."""
+    if len(parts) == 1:
+        return parts[0]
+    states = [p.final_states for p in parts]
+    return _estimate(
+        torch.cat([p.log_weights for p in parts]), parts[0].offset, parts[0].sign,
+        parts[0].method, None if any(s is None for s in states) else torch.cat(states),
+    )  # fmt: skip
 
 
 def exact_log_partition(rbm, *, chunk_size: int = 2**14) -> float:
@@ -119,7 +133,7 @@ def _estimate(
     lse = logsumexp(log_w, 0)
     log_mean = float(lse) - math.log(log_w.numel())
     stderr = float(log_mean_weight_stderr(log_w, lse=lse))
-    return PartitionEstimate(offset + sign * log_mean, stderr, log_w, method, states)
+    return PartitionEstimate(offset + sign * log_mean, stderr, log_w, method, states, offset, sign)
 
 
 def beta_schedule(num_betas: int, schedule: str = "sm08") -> torch.Tensor:

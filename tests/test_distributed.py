@@ -156,3 +156,97 @@ def test_rbm_contrastive_updates_are_summed_over_two_processes(tmp_path):
     assert _same(a["model"], b["model"], atol=1e-5)
     assert torch.equal(a["hidden_chains"], b["hidden_chains"])  # every chain, gathered
     assert main(["rbm", "evaluate", str(both), "--chains", "20", "--betas", "200"]) == 0
+
+
+def _json_without(path: Path, *keys: str) -> dict:
+    report = json.loads(path.read_text())
+    for key in keys:
+        report.pop(key, None)
+    if isinstance(report.get("ais"), dict):
+        report["ais"].pop("seconds", None)
+    return report
+
+
+def _arrays(path: Path) -> dict:
+    import numpy as np
+
+    with np.load(path) as arrays:
+        return {name: arrays[name] for name in arrays.files}
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory):
+    """A one-layer VAE and a two-layer encoder, a few epochs on digits."""
+    root = tmp_path_factory.mktemp("runs")
+    vae = TrainConfig(epochs=3, hidden=[16], z_dim=3, batch_size=64)
+    hvae = TrainConfig(model="hvae", layers=2, epochs=3, hidden=[16], z_dim=3, batch_size=64)
+    train(vae, root / "vae", progress=False)
+    train(hvae, root / "hvae", progress=False)
+    return root
+
+
+def test_sharded_evaluation_gives_the_numbers_of_one_process_bit_for_bit(small_runs, tmp_path):
+    import shutil
+
+    outputs = {}
+    for nproc in (1, 2, 3):
+        run = tmp_path / f"vae-{nproc}"
+        shutil.copytree(small_runs / "vae", run)
+        done = _torchrun("evaluate", str(run), "--k", "1,10,50", "--limit", "230", "--batch-size",
+                         "40", "--ais", "--ais-temperatures", "10", "--ais-chains", "4",
+                         "--seed", "7", "--no-progress", nproc=nproc)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.count("test split, 230 datapoints") == 1  # rank 0 alone prints
+        outputs[nproc] = (_json_without(run / "eval.json", "run", "seconds"),
+                          _arrays(run / "eval_datapoints.npz"))  # fmt: skip
+    report, arrays = outputs[1]
+    assert report["num_datapoints"] == 230 and arrays["iwae50"].shape == (230,)
+    for nproc in (2, 3):
+        assert outputs[nproc][0] == report  # every number in eval.json, exactly
+        assert outputs[nproc][1].keys() == arrays.keys()
+        for name, values in arrays.items():  # and every datapoint's, bit for bit
+            assert outputs[nproc][1][name].tobytes() == values.tobytes(), name
+    # The streams belong to the batches: another seed moves the numbers.
+    other = tmp_path / "vae-seed8"
+    shutil.copytree(small_runs / "vae", other)
+    done = _torchrun("evaluate", str(other), "--k", "1,10,50", "--limit", "230", "--batch-size",
+                     "40", "--seed", "8", "--no-progress", nproc=2)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (_arrays(other / "eval_datapoints.npz")["iwae50"] == arrays["iwae50"]).any()
+
+
+def test_sharded_gaps_and_rbm_evaluate_give_the_numbers_of_one_process(small_runs, tmp_path):
+    import shutil
+
+    from inference.contrastive import RBMConfig, train_rbm
+
+    reports = {}
+    for nproc in (1, 2):
+        run = tmp_path / f"hvae-{nproc}"
+        shutil.copytree(small_runs / "hvae", run)
+        done = _torchrun("gaps", str(run), "--k", "50", "--inner-samples", "1,5", "--limit",
+                         "90", "--batch-size", "40", "--no-progress", nproc=nproc)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.count("written") == 1
+        reports[nproc] = _json_without(run / "gaps.json", "run")
+    assert reports[2] == reports[1]
+    assert reports[1]["num_datapoints"] == 90 and "cremer" in reports[1]
+    rbm = tmp_path / "rbm"
+    train_rbm(RBMConfig(hidden=10, epochs=2), rbm, progress=False)
+    args = ["--chains", "12", "--betas", "300", "--seed", "3"]
+    single = evaluate_rbm(rbm, *args, "--pieces", "3")
+    assert single["ais_pieces"] == 3 and "exact" in single
+    for nproc, pieces in ((2, "3"), (3, "3"), (2, "1")):
+        done = _torchrun("rbm", "evaluate", str(rbm), *args, "--pieces", pieces, nproc=nproc)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.count("bracket") == 1
+        report = _json_without(rbm / "rbm_eval.json", "run", "ais_seconds")
+        expected = single if pieces == "3" else evaluate_rbm(rbm, *args)
+        assert report == expected
+
+
+def evaluate_rbm(run: Path, *args: str) -> dict:
+    """``rbm evaluate`` in one process (one thread, as the torchrun workers), its report."""
+    done = _torchrun("rbm", "evaluate", str(run), *args, nproc=1)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return _json_without(run / "rbm_eval.json", "run", "ais_seconds")

@@ -8,10 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pyro
 import torch
 
-from .. import diagnostics
+from .. import diagnostics, distributed
 from ..ais import ais_over_data, annealing_pair
 from ..evaluation import evaluate_bounds, perplexity, unigram_perplexity
 from ..runs import RunError, atomic_write, check_device, load_run, write_json
@@ -45,7 +44,9 @@ def evaluate_run(
     split : str
         Data split to evaluate.
     seed : int
-        Seed of the particles; the same seed gives the same numbers.
+        Seed of the particles: each batch draws from a stream of its own (the
+        seed and the batch's number), so the same seed and ``batch_size`` give
+        the same numbers, with any number of processes (torchrun).
     batch_size : int
         Datapoints per vectorised pass.
     limit : int, optional
@@ -65,9 +66,9 @@ def evaluate_run(
     if limit is not None and limit < 1:
         raise RunError(f"--limit must be >= 1, got {limit}")
     check_device(device)
+    world = distributed.current(device)
     config, dataset, model = load_run(run_dir, device=device)
     x = dataset.split(split)[:limit].to(device)
-    pyro.set_rng_seed(seed)
     tic = time.perf_counter()
     result = evaluate_bounds(
         model.model,
@@ -76,6 +77,8 @@ def evaluate_run(
         ks=ks,
         batch_size=batch_size,
         statistics={"khat": diagnostics.psis_khat, "is_ess": diagnostics.importance_ess},
+        seed=seed,
+        world=world,
         progress=progress,
     )
     seconds = time.perf_counter() - tic
@@ -86,6 +89,7 @@ def evaluate_run(
         "split": split,
         "num_datapoints": int(x.shape[0]),
         "seed": seed,
+        "batch_size": batch_size,
         "data": config.data,
         "binarization": dataset.binarization,
         "seconds": seconds,
@@ -106,22 +110,25 @@ def evaluate_run(
         with torch.no_grad():
             report["generating_model_log_px"] = float(truth.log_marginal(x.cpu()).mean())
     if ais is not None:
-        pyro.set_rng_seed(seed)
         tic = time.perf_counter()
-        estimate = ais_over_data(*annealing_pair(model), x, batch_size=batch_size,
-                                 progress=progress, **ais)  # fmt: skip
+        estimate = ais_over_data(*annealing_pair(model), x, batch_size=batch_size, seed=seed,
+                                 world=world, progress=progress, **ais)  # fmt: skip
         report["ais"] = ais_report(estimate, ais, time.perf_counter() - tic)
         result["statistics"]["ais"] = estimate.value
     if dataset.likelihood == "multinomial":
         report["perplexity"] = perplexity_report(report, x.cpu(), dataset.word_counts)
-    write_json(run_dir / EVAL, report)
     per_point = {
         "elbo": result["elbo"].value,
         **{f"iwae{k}": b.value for k, b in result["iwae"].items()},
         **result["statistics"],
     }
     arrays = {k: v.cpu().numpy() for k, v in per_point.items()}
-    atomic_write(run_dir / EVAL_DATAPOINTS, lambda tmp: _savez(tmp, arrays))
+
+    def write() -> None:
+        write_json(run_dir / EVAL, report)
+        atomic_write(run_dir / EVAL_DATAPOINTS, lambda tmp: _savez(tmp, arrays))
+
+    distributed.on_main(world, write)  # every rank has every result; rank 0 writes
     return report
 
 
@@ -236,5 +243,6 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         ais=ais_settings(args) if args.ais else None,
     )
-    print(format_report(report))
+    if distributed.current().is_main:
+        print(format_report(report))
     return 0

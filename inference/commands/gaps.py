@@ -17,11 +17,9 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import pyro
 import torch
-from tqdm.auto import tqdm
 
-from .. import diagnostics
+from .. import diagnostics, distributed
 from ..ais import annealed_log_marginal, annealing_pair
 from ..amortization import amortization_split
 from ..bounds import MONTE_CARLO, Bound, across_datapoints
@@ -91,10 +89,10 @@ def gaps_run(
     conventions = callable(getattr(model, "posterior", None)) and callable(
         getattr(model, "prior", None)
     )
-    pyro.set_rng_seed(seed)
-    parts, khats, splits = [], [], []
-    batches = range(0, x_all.shape[0], batch_size)
-    for start in tqdm(batches, desc="gaps", disable=not progress, leave=False):
+    world = distributed.current()
+
+    def batch(u: int) -> tuple[dict, torch.Tensor, dict | None]:
+        start = u * batch_size
         x = x_all[start : start + batch_size]
         result = hierarchical_bounds(
             model.model, model.guide, x, aux_sites=aux, num_particles=num_particles,
@@ -110,12 +108,20 @@ def gaps_run(
         if not aux:  # one stochastic layer: q(z|x) is exact, L_marg = L_aux = L_h
             for s in inner_samples:
                 bounds[f"l_marg[{s}]"] = bounds["l_aux"]
-        parts.append(bounds)
-        khats.append(torch.as_tensor(result["statistics"]["khat"]).reshape(-1))
+        khat = torch.as_tensor(result["statistics"]["khat"]).reshape(-1)
+        split = None
         if conventions and not getattr(model, "corruption", None) and start < cremer_points:
-            splits.append(
-                amortization_split(model, x, log_px=bounds["log_px"].value, steps=cremer_steps)
-            )
+            split = amortization_split(model, x, log_px=bounds["log_px"].value, steps=cremer_steps)
+        return bounds, khat, split
+
+    units = -(-x_all.shape[0] // batch_size)
+    done = distributed.map_units(units, batch, seed=(seed, distributed.STREAM_GAPS),
+                                 world=world, desc="gaps", progress=progress)  # fmt: skip
+    parts = [bounds for bounds, _, _ in done]
+    khats = [khat for _, khat, _ in done]
+    splits = [split for _, _, split in done if split is not None]
+    # What follows is computed on every rank alike (from one seed); rank 0 writes it.
+    distributed.seed_all(distributed.batch_seed(seed, distributed.STREAM_GAPS_WHOLE))
     bounds = {name: Bound.cat([p[name] for p in parts]) for name in parts[0]}
     summary = {name: b.summary() for name, b in bounds.items()}
     s_max = max(inner_samples)
@@ -198,8 +204,12 @@ def gaps_run(
             model.model, model.guide, x_all[:500], aux_sites=aux, prior=model.prior(x_all),
             inner_samples=10,
         )  # fmt: skip
-    write_json(run_dir / GAPS, report)
-    plot_gaps(report, run_dir / "gaps.png")
+
+    def write() -> None:
+        write_json(run_dir / GAPS, report)
+        plot_gaps(report, run_dir / "gaps.png")
+
+    distributed.on_main(world, write)
     return report
 
 
@@ -288,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
         ais=ais_settings(args) if args.logpx == "ais" else None,
     )  # fmt: skip
-    print(format_gaps(report))
-    print(f"written {args.run}/gaps.json, gaps.png")
+    if distributed.current().is_main:
+        print(format_gaps(report))
+        print(f"written {args.run}/gaps.json, gaps.png")
     return 0

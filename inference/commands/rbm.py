@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..contrastive import RBMConfig, load_rbm_run, train_rbm
 from ..partition import (
     BETA_SCHEDULES,
@@ -16,9 +17,10 @@ from ..partition import (
     ais_bracket,
     ais_log_partition,
     exact_log_partition,
+    join_estimates,
 )
 from ..plots import plot_rbm
-from ..runs import read_metrics, write_json
+from ..runs import RunError, read_metrics, write_json
 from .flags import Parser, add_flags, config_from, train_from_args
 from .report import table
 
@@ -33,6 +35,7 @@ def evaluate_rbm_run(
     num_betas: int = 14_500,
     schedule: str = "sm08",
     seed: int = 0,
+    pieces: int = 1,
 ) -> dict:
     """Held-out log-likelihood of a trained RBM: exact where enumerable, AIS with a bracket.
 
@@ -43,8 +46,17 @@ def evaluate_rbm_run(
     (reverse AIS from data rather than exact samples is only approximately
     biased high), they bracket the truth.
     Writes ``rbm_eval.json``.
+
+    The chains of each direction are run in ``pieces`` pieces, piece j of the
+    forward run seeded ``seed + 2 j``, of the reverse run ``seed + 2 j + 1``;
+    under torchrun the pieces are shared among the processes (with one piece,
+    the two directions run side by side on two). The numbers depend on
+    ``pieces``, not on the number of processes.
     """
     run_dir = Path(run_dir)
+    if not 1 <= pieces <= num_chains:
+        raise RunError(f"--pieces must be between 1 and the {num_chains} chains, got {pieces}")
+    world = distributed.current()
     config, dataset, rbm = load_rbm_run(run_dir)
     x = dataset.split(split)
     train = dataset.split("train")
@@ -52,8 +64,14 @@ def evaluate_rbm_run(
         mean_neg_free = float(-rbm.free_energy(x).double().mean())
     tic = time.perf_counter()
     ais = {"num_chains": num_chains, "num_betas": num_betas, "schedule": schedule, "data": train}
-    forward = ais_log_partition(rbm, **ais, seed=seed)
-    reverse = ais_log_partition(rbm, **ais, seed=seed + 1, reverse=True)
+    sizes = [len(c) for c in torch.tensor_split(torch.arange(num_chains), pieces)]
+
+    def piece(u: int):  # u = 2 j + direction
+        ais["num_chains"] = sizes[u // 2]
+        return ais_log_partition(rbm, **ais, seed=seed + u, reverse=bool(u % 2))
+
+    done = distributed.map_units(2 * pieces, piece, seed=None, world=world, progress=False)
+    forward, reverse = join_estimates(done[0::2]), join_estimates(done[1::2])
     seconds = time.perf_counter() - tic
     report = {
         "run": str(run_dir),
@@ -84,9 +102,16 @@ def evaluate_rbm_run(
     if min(rbm.n_visible, rbm.n_hidden) <= MAX_EXACT_UNITS:
         log_z = exact_log_partition(rbm)
         report["exact"] = {"log_z": log_z, "log_likelihood": mean_neg_free - log_z}
-    report["figure"] = str(plot_rbm(read_metrics(run_dir), forward.final_states,
-                                    run_dir / "rbm_eval.png"))  # fmt: skip
-    write_json(run_dir / RBM_EVAL, report)
+    figure = run_dir / "rbm_eval.png"
+    report["figure"] = str(figure)
+    if pieces > 1:
+        report["ais_pieces"] = pieces
+
+    def write() -> None:
+        plot_rbm(read_metrics(run_dir), forward.final_states, figure)
+        write_json(run_dir / RBM_EVAL, report)
+
+    distributed.on_main(world, write)
     return report
 
 
@@ -160,6 +185,9 @@ def add_parser(sub) -> None:
     p.add_argument("--schedule", choices=BETA_SCHEDULES, default="sm08",
                    help="spacing of the temperatures: sm08 (denser near 1, the paper's) "
                    "or linear (default sm08)")  # fmt: skip
+    p.add_argument("--pieces", type=int, default=1,
+                   help="run each direction's chains in this many pieces, shared among the "
+                   "processes of a torchrun job (default 1)")  # fmt: skip
     add_flags(p, "seed")
     p.set_defaults(func=run_evaluate)
 
@@ -188,6 +216,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         num_betas=args.betas,
         schedule=args.schedule,
         seed=args.seed,
+        pieces=args.pieces,
     )
-    print(format_rbm_report(report))
+    if distributed.current().is_main:
+        print(format_rbm_report(report))
     return 0
