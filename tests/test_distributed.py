@@ -250,3 +250,15 @@ def evaluate_rbm(run: Path, *args: str) -> dict:
     done = _torchrun("rbm", "evaluate", str(run), *args, nproc=1)
     assert done.returncode == 0, done.stderr[-2000:]
     return _json_without(run / "rbm_eval.json", "run", "ais_seconds")
+
+
+def test_commands_that_run_in_one_process_refuse_torchrun_in_one_line(small_runs, capsys):
+    os.environ["WORLD_SIZE"] = "2"  # what torchrun sets; no process group is joined
+    try:
+        code = main(["bdmc", str(small_runs / "vae"), "--points", "2", "--temperatures", "3"])
+    finally:
+        del os.environ["WORLD_SIZE"]
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("elbolab: error: bdmc runs in one process; launch it without torchrun")
+    assert not (small_runs / "vae" / "bdmc.json").exists()

@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -40,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_launch(args: argparse.Namespace) -> None:
+    """Under torchrun, only the commands that share their work among processes run."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1 and not getattr(args, "shared", False):
+        name = " ".join(filter(None, (args.command, getattr(args, "rbm_command", None))))
+        raise RunError(
+            f"{name} runs in one process; launch it without torchrun (WORLD_SIZE={size}). "
+            "train, evaluate, gaps, rbm train and rbm evaluate share their work among processes"
+        )
+
+
 def _terminated(signum, frame):
     raise KeyboardInterrupt
 
@@ -54,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
+        _check_launch(args)
         code = args.func(args)
         distributed.shutdown(wait=True)
         return code

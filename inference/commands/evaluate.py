@@ -228,7 +228,7 @@ def add_parser(sub) -> None:
     add_flags(p, "split", "batch_size", "limit", "seed", "device", "no_progress")
     p.add_argument("--ais", action="store_true", help="also estimate log p(x) by AIS")
     add_ais_flags(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, shared=True)
 
 
 def run(args: argparse.Namespace) -> int:

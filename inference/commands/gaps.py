@@ -288,7 +288,7 @@ def add_parser(sub) -> None:
         help="estimator of log p(x): IWAE with --k particles or AIS (default iwae)",
     )
     add_ais_flags(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, shared=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -170,7 +170,7 @@ def add_parser(sub) -> None:
                    help="continue the run in --out; a new --epochs also stretches the linear "
                    "learning-rate decay over the new total")  # fmt: skip
     add_flags(p, "overwrite", "no_progress")
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, shared=True)
 
     p = rbm_sub.add_parser("evaluate", help="log-likelihood: exact, AIS and reverse AIS")
     p.add_argument("run", help="run directory")
@@ -189,7 +189,7 @@ def add_parser(sub) -> None:
                    help="run each direction's chains in this many pieces, shared among the "
                    "processes of a torchrun job (default 1)")  # fmt: skip
     add_flags(p, "seed")
-    p.set_defaults(func=run_evaluate)
+    p.set_defaults(func=run_evaluate, shared=True)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -64,7 +64,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     add_flags(p, "overwrite")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, shared=True)
 
 
 def run(args: argparse.Namespace) -> int:
