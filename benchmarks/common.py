@@ -91,3 +91,16 @@ def matmul_rate(rows: int, sizes: list[int], repeats: int = 20) -> float:
             h = h @ m
         best = min(best, time.perf_counter() - tic)
     return flops / best
+
+
+def matmul_ceiling(size: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of a float32 ``size``^3 matrix product (median of ``repeats``): the ceiling."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - tic)
+    return 2 * size**3 / statistics.median(times)

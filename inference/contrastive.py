@@ -15,6 +15,7 @@ objective.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -236,7 +237,9 @@ def train_rbm(
 
     Per epoch, ``metrics.jsonl`` gets the reconstruction error and the
     pseudo-log-likelihood of the held-out split, and its exact log-likelihood
-    when the smaller layer has at most 20 units; the checkpoint holds the
+    when the smaller layer has at most 20 units, and the seconds of the
+    epoch's updates alone (``update_seconds``; ``seconds`` counts these
+    measurements too); the checkpoint holds the
     parameters, momentum buffers, persistent chains and random states.
 
     Raises
@@ -282,6 +285,7 @@ def train_rbm(
         chains, lr = run["hidden_chains"], learning_rate(config, index)
         order = torch.randperm(num_data, generator=shuffle)
         velocity = run["velocity"]
+        tic = time.perf_counter()
         for step, begin in enumerate(range(0, num_data, config.batch_size)):
             rows = order[begin : begin + config.batch_size]
             if shards > 1:  # pieces of the batch, each with its own seed
@@ -296,6 +300,7 @@ def train_rbm(
             if config.method == "pcd":
                 chains[: len(rows)] = new
             bar.update(1)
+        updates = time.perf_counter() - tic
         for name, param in rbm.named_parameters():
             check_finite(param, out, index, f"the RBM's {name} is not finite")
         if not world.is_main:  # rank 0 alone measures and writes
@@ -304,6 +309,7 @@ def train_rbm(
             "method": f"{config.method}-{config.cd_steps}",
             "reconstruction_error": reconstruction_error(rbm, x_heldout),
             "pseudo_log_likelihood": pseudo_log_likelihood(rbm, x_heldout),
+            "update_seconds": updates,  # the epoch's updates alone, without these metrics
         }
         if exact:
             row["exact_log_likelihood"] = exact_log_likelihood(rbm, x_heldout)
