@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .distributed import SINGLE, World
 from .runs import (
+    CHECKPOINT,
     CONFIG,
     RunError,
     load_checkpoint,
@@ -140,7 +141,10 @@ def _fit_locked(trainer: Trainer, config, out: Path, *, resume: bool, progress: 
                     save_checkpoint(out, {"epoch": epoch + 1, **trainer.state()})
                 done = epoch + 1
     except KeyboardInterrupt:
-        # Checkpoints are written atomically: the last complete one is intact.
+        # Checkpoints are written atomically: the last complete one is intact. The signal
+        # may come between its rename and the count above: the file says which it is.
+        if writes and (out / CHECKPOINT).exists():
+            done = _checkpoint_epoch(out, done)
         kept = (
             f"the checkpoint of epoch {done} is kept in {out}; continue with --resume (same --out)"
             if done
@@ -148,3 +152,10 @@ def _fit_locked(trainer: Trainer, config, out: Path, *, resume: bool, progress: 
         )
         raise TrainingInterrupted(f"interrupted in epoch {done + 1}; {kept}") from None
     return metrics
+
+
+def _checkpoint_epoch(out: Path, default: int) -> int:
+    try:
+        return int(load_checkpoint(out)["epoch"])
+    except Exception:  # unreadable: say what this process last knew
+        return default

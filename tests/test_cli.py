@@ -69,6 +69,11 @@ def test_resume_flag(tmp_path):
     assert main(["train", "--out", str(run), "--resume", *TINY, "--epochs", "3"]) == 0
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    # The run's own configuration is the default of a resume: no flag needs repeating ...
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "4", "--no-progress"]) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    # ... and a flag given that changes it is still refused, naming the field.
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "5", "--z-dim", "3"]) == 1
 
 
 def test_demo_writes_table_and_plots(tmp_path, capsys):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import distributed
 from ..ais import SCHEDULES
-from ..runs import RunError, is_elbolab_run, read_metrics, run_files_in
+from ..runs import RunError, is_elbolab_run, read_config, read_metrics, run_files_in
 
 
 class Parser(argparse.ArgumentParser):
@@ -128,7 +128,19 @@ def train_from_args(trainer: Callable, config, args: argparse.Namespace) -> dict
 
 
 def config_from(args: argparse.Namespace, config):
-    """``config`` with every field that was given on the command line replaced."""
+    """``config`` with every field that was given on the command line replaced.
+
+    With ``--resume`` the run's own configuration stands in for ``config``'s
+    defaults, so that ``--resume --out RUN`` continues RUN as it was trained
+    (a flag given changes its field, and ``prepare_run`` refuses any change
+    but those a resume allows).
+    """
+    saved = Path(getattr(args, "out", None) or ".") / "config.json"
+    if getattr(args, "resume", False) and saved.is_file():
+        try:
+            config = read_config(saved.parent, type(config))
+        except RunError:
+            pass  # reported, with its reason, when the run is prepared
     for field in dataclasses.fields(config):
         value = getattr(args, field.name, None)
         if value is not None:
