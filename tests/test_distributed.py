@@ -189,18 +189,18 @@ def test_sharded_evaluation_gives_the_numbers_of_one_process_bit_for_bit(small_r
     import shutil
 
     outputs = {}
-    for nproc in (1, 2, 3):
+    for nproc in (1, 2, 3):  # 250 datapoints in 7 batches of 40: uneven shares
         run = tmp_path / f"vae-{nproc}"
         shutil.copytree(small_runs / "vae", run)
-        done = _torchrun("evaluate", str(run), "--k", "1,10,50", "--limit", "230", "--batch-size",
+        done = _torchrun("evaluate", str(run), "--k", "1,10,50", "--limit", "250", "--batch-size",
                          "40", "--ais", "--ais-temperatures", "10", "--ais-chains", "4",
                          "--seed", "7", "--no-progress", nproc=nproc)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stdout.count("test split, 230 datapoints") == 1  # rank 0 alone prints
+        assert done.stdout.count("test split, 250 datapoints") == 1  # rank 0 alone prints
         outputs[nproc] = (_json_without(run / "eval.json", "run", "seconds"),
                           _arrays(run / "eval_datapoints.npz"))  # fmt: skip
     report, arrays = outputs[1]
-    assert report["num_datapoints"] == 230 and arrays["iwae50"].shape == (230,)
+    assert report["num_datapoints"] == 250 and arrays["iwae50"].shape == (250,)
     for nproc in (2, 3):
         assert outputs[nproc][0] == report  # every number in eval.json, exactly
         assert outputs[nproc][1].keys() == arrays.keys()
@@ -209,13 +209,15 @@ def test_sharded_evaluation_gives_the_numbers_of_one_process_bit_for_bit(small_r
     # The streams belong to the batches: another seed moves the numbers.
     other = tmp_path / "vae-seed8"
     shutil.copytree(small_runs / "vae", other)
-    done = _torchrun("evaluate", str(other), "--k", "1,10,50", "--limit", "230", "--batch-size",
+    done = _torchrun("evaluate", str(other), "--k", "1,10,50", "--limit", "250", "--batch-size",
                      "40", "--seed", "8", "--no-progress", nproc=2)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (_arrays(other / "eval_datapoints.npz")["iwae50"] == arrays["iwae50"]).any()
 
 
-def test_sharded_gaps_and_rbm_evaluate_give_the_numbers_of_one_process(small_runs, tmp_path):
+def test_sharded_gaps_and_rbm_evaluate_give_the_numbers_of_one_process(
+    small_runs, tmp_path, capsys
+):
     import shutil
 
     from inference.contrastive import RBMConfig, train_rbm
@@ -234,6 +236,8 @@ def test_sharded_gaps_and_rbm_evaluate_give_the_numbers_of_one_process(small_run
     rbm = tmp_path / "rbm"
     train_rbm(RBMConfig(hidden=10, epochs=2), rbm, progress=False)
     args = ["--chains", "12", "--betas", "300", "--seed", "3"]
+    assert main(["rbm", "evaluate", str(rbm), "--chains", "4", "--pieces", "5"]) == 1
+    assert "--pieces must be between 1 and the 4 chains, got 5" in capsys.readouterr().err
     single = evaluate_rbm(rbm, *args, "--pieces", "3")
     assert single["ais_pieces"] == 3 and "exact" in single
     for nproc, pieces in ((2, "3"), (3, "3"), (2, "1")):
