@@ -20,7 +20,8 @@ Evaluation is split the same way (:func:`map_units`): a data set's batches
 (or an AIS run's pieces of chains) are units of work dealt round-robin to
 the ranks, each unit seeded from ``--seed`` and its own index, and the
 results of all units are gathered, in order, on every rank. Any number of
-processes then gives the numbers of one process, bit for bit.
+processes then gives the numbers of one process, bit for bit (with as many
+threads per process: more threads may round a product differently).
 """
 
 from __future__ import annotations
