@@ -158,46 +158,26 @@ def _cd_update(rbm, v, h_chains, config, velocity, lr: float) -> torch.Tensor:
     with ``addmm_`` so that the (n_visible, n_hidden) matrices are touched as
     few times as possible.
     """
-    rows, signed, h = _phases(rbm, v, h_chains, config)
+    ph_data, v_neg, ph, h = _phases(rbm, v, h_chains, config)
     step_size = lr / v.shape[0]
-    velocity["W"].mul_(config.momentum).addmm_(rows.T, signed, alpha=step_size)
-    _step(rbm, *_bias_statistics(rows, signed, len(v)), config, velocity, lr, step_size)
+    vel = velocity["W"].mul_(config.momentum)
+    vel.addmm_(v.T, ph_data, alpha=step_size).addmm_(v_neg.T, ph, alpha=-step_size)
+    _step(rbm, v.sum(0) - v_neg.sum(0), ph_data.sum(0) - ph.sum(0), config, velocity, lr,
+          step_size)  # fmt: skip
     return h
 
 
 def _phases(rbm, v, h_chains, config):
-    """Both phases' rows and hidden probabilities, the second negated; the chains' new h.
-
-    Returns ``rows`` = [v_data; v_neg], ``signed`` = [p(h|v_data); -p(h|v_neg)]
-    and the new hidden states, so that ``rows.T @ signed`` is the contrastive
-    statistic for W and ``signed.sum(0)`` the one for b_h: one product each
-    for both phases (fewer, larger products run closer to the machine's
-    peak). For PCD the data's hidden product waits for the chains' last
-    visible sample and the two are computed as one.
-    """
+    """Data and model phases: p(h|v_data), the negative visibles, p(h|v_neg), the chains' h."""
+    ph_data = torch.addmm(rbm.b_h, v, rbm.W).sigmoid_()
     persistent = config.method == "pcd"
-    ph_data = None if persistent else torch.addmm(rbm.b_h, v, rbm.W).sigmoid_()
     h = h_chains if persistent else sample_bernoulli(ph_data)
     for step in range(config.cd_steps):
         v_neg = sample_bernoulli(torch.addmm(rbm.b_v, h, rbm.W.T).sigmoid_())
-        last = step + 1 == config.cd_steps
-        if last and persistent:  # p(h | v) of the data and of the chains in one product
-            rows = torch.cat([v, v_neg])
-            signed = torch.addmm(rbm.b_h, rows, rbm.W).sigmoid_()
-            ph = signed[len(v) :]
-        else:
-            ph = torch.addmm(rbm.b_h, v_neg, rbm.W).sigmoid_()
-        if persistent or not last:
+        ph = torch.addmm(rbm.b_h, v_neg, rbm.W).sigmoid_()
+        if persistent or step + 1 < config.cd_steps:
             h = sample_bernoulli(ph)
-    if not persistent:
-        rows, signed = torch.cat([v, v_neg]), torch.cat([ph_data, ph])
-    signed[len(v) :].neg_()
-    return rows, signed, h
-
-
-def _bias_statistics(rows, signed, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """sum v_data - sum v_neg and sum p(h|v_data) - sum p(h|v_neg), from :func:`_phases`."""
-    return rows[:n].sum(0) - rows[n:].sum(0), signed.sum(0)
+    return ph_data, v_neg, ph, h
 
 
 def _step(rbm, grad_b_v, grad_b_h, config, velocity, lr: float, step_size: float) -> None:
@@ -226,11 +206,11 @@ def _cd_update_sharded(rbm, x, chains, pieces, config, velocity, lr: float, *, w
     new_chains = torch.zeros_like(chains[:batch])
     for piece, seed in pieces:
         torch.manual_seed(seed)
-        rows, signed, h = _phases(rbm, x[piece], chains[piece], config)
-        grad_w.addmm_(rows.T, signed)
-        d_b_v, d_b_h = _bias_statistics(rows, signed, len(piece))
-        grad_b_v += d_b_v
-        grad_b_h += d_b_h
+        v = x[piece]
+        ph_data, v_neg, ph, h = _phases(rbm, v, chains[piece], config)
+        grad_w.addmm_(v.T, ph_data).addmm_(v_neg.T, ph, alpha=-1.0)
+        grad_b_v += v.sum(0) - v_neg.sum(0)
+        grad_b_h += ph_data.sum(0) - ph.sum(0)
         new_chains[piece] = h
     if world.active:
         distributed.all_reduce_sum([grad_w, grad_b_v, grad_b_h, new_chains])
