@@ -210,7 +210,8 @@ def map_units(
     number of processes. ``seed=None``: no re-seeding (for work that seeds
     a generator of its own).
     Results (nested dicts, lists, tuples and dataclasses of tensors) are
-    moved to the CPU and gathered with one ``all_gather_object``.
+    kept as Python lists until the end (:func:`_pack`) and gathered with one
+    ``all_gather_object``; tensors come back on the device they were on.
     """
     world = current() if world is None else world
     mine = range(world.rank, units, world.size)
@@ -219,15 +220,15 @@ def map_units(
     for u in tqdm(mine, desc=desc, disable=not show, leave=False):
         if seed is not None:
             seed_all(batch_seed(*seed, u))
-        done.append(_to_cpu(work(u)) if world.active else work(u))
+        done.append(_pack(work(u)))
     if not world.active:
-        return done
+        return [_unpack(result) for result in done]
     gathered: list = [None] * world.size
     _collective("gathering results", _dist().all_gather_object, gathered, done)
     results: list = [None] * units
     for rank, theirs in enumerate(gathered):
         for u, result in zip(range(rank, units, world.size), theirs, strict=True):
-            results[u] = result
+            results[u] = _unpack(result)
     return results
 
 
@@ -238,14 +239,51 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _to_cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
+@dataclass(frozen=True)
+class _Packed:
+    """A tensor's values as a Python list, its dtype, shape and device: see :func:`_pack`."""
+
+    values: list
+    dtype: torch.dtype
+    shape: tuple
+    device: str
+
+
+def _pack(value):
+    """Tensors in ``value`` (nested dicts, lists, tuples, dataclasses) as Python lists.
+
+    A unit's results are small and live to the end, while its temporaries
+    are large and short-lived: kept as tensors, the results sit between the
+    freed temporaries on the C heap and keep it from being reused, and the
+    process grows with every unit (evaluate on all 10,000 MNIST test images:
+    702 MB against 366 MB on 1,000 with K = 50). As Python lists they live in
+    Python's own memory. The values are exact (a float32 read as a Python
+    float and back is the same number), and lists pickle for the gathering.
+    """
+    return _map_tensors(value, lambda t: _Packed(t.cpu().reshape(-1).tolist(), t.dtype,
+                                                 tuple(t.shape), str(t.device)))  # fmt: skip
+
+
+def _unpack(value):
+    def unpack(p):
+        return p if not isinstance(p, _Packed) else _tensor(p)
+
+    return _map_tensors(value, unpack, kind=_Packed)
+
+
+def _tensor(p: _Packed) -> torch.Tensor:
+    return torch.tensor(p.values, dtype=p.dtype).reshape(p.shape).to(p.device)
+
+
+def _map_tensors(value, fn, kind=torch.Tensor):
+    if isinstance(value, kind):
+        return fn(value)
     if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
+        return {k: _map_tensors(v, fn, kind) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_to_cpu(v) for v in value)
+        return type(value)(_map_tensors(v, fn, kind) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {f.name: _to_cpu(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        changes = {f.name: _map_tensors(getattr(value, f.name), fn, kind)
+                   for f in dataclasses.fields(value)}  # fmt: skip
         return dataclasses.replace(value, **changes)
     return value
