@@ -434,15 +434,14 @@ def ais_over_data(
     :func:`inference.distributed.map_units`): the same numbers for any number
     of processes.
     """
-    units = -(-data.shape[0] // batch_size)
+    one = data.shape[0] <= batch_size  # one batch: its own bar, over the temperatures
 
-    def batch(u: int) -> AISEstimate:
-        xb = data[u * batch_size : (u + 1) * batch_size]
-        return annealed_log_marginal(model, guide, xb, progress=progress and units == 1,
-                                     **settings)  # fmt: skip
+    def batch(xb: torch.Tensor, start: int) -> AISEstimate:
+        return annealed_log_marginal(model, guide, xb, progress=progress and one, **settings)
 
-    parts = distributed.map_units(
-        units, batch, seed=None if seed is None else (seed, distributed.STREAM_AIS), world=world,
+    parts = distributed.map_batches(
+        data, batch_size, batch, world=world,
+        seed=None if seed is None else (seed, distributed.STREAM_AIS),
         desc="AIS", progress=progress,
     )  # fmt: skip
     return AISEstimate(

@@ -232,6 +232,20 @@ def map_units(
     return results
 
 
+def map_batches(
+    data: torch.Tensor,
+    batch_size: int,
+    work: Callable[[torch.Tensor, int], object],
+    **options,
+) -> list:
+    """:func:`map_units` over the batches of ``data``: ``work(batch, first row)`` for each."""
+    units = -(-data.shape[0] // batch_size)
+    return map_units(
+        units, lambda u: work(data[u * batch_size : (u + 1) * batch_size], u * batch_size),
+        **options,
+    )  # fmt: skip
+
+
 def seed_all(seed: int) -> None:
     """Seed torch, numpy and random (as ``pyro.set_rng_seed``, for seeds up to 2^63)."""
     random.seed(seed)

@@ -63,8 +63,7 @@ def evaluate_bounds(
     k_max = ks[-1]
     chunk = max(1, max_rows // batch_size)
 
-    def batch(u: int) -> dict[str, torch.Tensor]:
-        xb = data[u * batch_size : (u + 1) * batch_size]
+    def batch(xb: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
         log_w = log_importance_weights(model, guide, xb, num_particles=k_max, chunk_size=chunk)
         out = {
             f"statistics/{name}": torch.as_tensor(fn(log_w)).reshape(-1)
@@ -84,9 +83,9 @@ def evaluate_bounds(
         out["kl_analytic"] = torch.tensor([parts_dec["kl_analytic"]])
         return out
 
-    units = -(-data.shape[0] // batch_size)
-    results = distributed.map_units(
-        units, batch, seed=None if seed is None else (seed, distributed.STREAM_IWAE), world=world,
+    results = distributed.map_batches(
+        data, batch_size, batch, world=world,
+        seed=None if seed is None else (seed, distributed.STREAM_IWAE),
         desc=f"IWAE-{k_max}", progress=progress,
     )  # fmt: skip
     parts = {name: [r[name] for r in results] for name in results[0]}

@@ -91,9 +91,7 @@ def gaps_run(
     )
     world = distributed.current()
 
-    def batch(u: int) -> tuple[dict, torch.Tensor, dict | None]:
-        start = u * batch_size
-        x = x_all[start : start + batch_size]
+    def batch(x: torch.Tensor, start: int) -> tuple[dict, torch.Tensor, dict | None]:
         result = hierarchical_bounds(
             model.model, model.guide, x, aux_sites=aux, num_particles=num_particles,
             inner_samples=inner_samples if aux else (), marg_particles=marg_particles,
@@ -114,9 +112,8 @@ def gaps_run(
             split = amortization_split(model, x, log_px=bounds["log_px"].value, steps=cremer_steps)
         return bounds, khat, split
 
-    units = -(-x_all.shape[0] // batch_size)
-    done = distributed.map_units(units, batch, seed=(seed, distributed.STREAM_GAPS),
-                                 world=world, desc="gaps", progress=progress)  # fmt: skip
+    done = distributed.map_batches(x_all, batch_size, batch, seed=(seed, distributed.STREAM_GAPS),
+                                   world=world, desc="gaps", progress=progress)  # fmt: skip
     parts = [bounds for bounds, _, _ in done]
     khats = [khat for _, khat, _ in done]
     splits = [split for _, _, split in done if split is not None]
