@@ -62,8 +62,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     with np.load(os.environ["ELBOLAB_DATA"]) as data:
-        train = torch.from_numpy(data["train"].astype(np.float32))
-        valid = torch.from_numpy(data["valid"].astype(np.float32))
+        # The .npz holds its arrays column-major: rows made contiguous, so that minibatches are
+        # gathered row by row (as elbolab's loader does); otherwise every gather is strided.
+        rows = torch.contiguous_format
+        train = torch.from_numpy(data["train"]).to(torch.float32, memory_format=rows)
+        valid = torch.from_numpy(data["valid"]).to(torch.float32, memory_format=rows)
     vae = VAE()
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     n = len(train)

@@ -21,6 +21,7 @@ the eager one.
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -29,6 +30,28 @@ import pyro
 import torch
 
 TOLERANCE = 1e-4  # relative, on the loss and on each gradient's norm
+_warm_up: threading.Thread | None = None
+
+
+def warm_up() -> None:
+    """Start importing inductor and probing the CPU in the background (once per process).
+
+    Inductor checks which vector instructions the CPU runs by compiling and
+    loading small programs with gcc, about 1.5 s of waiting on subprocesses
+    that a process pays before its first compiled kernel runs. Called where
+    a run starts, this overlaps with loading the data and building the model;
+    the first compiled step waits for it.
+    """
+    global _warm_up
+    if _warm_up is None:
+
+        def work():
+            from torch._inductor import compile_fx, cpu_vec_isa  # noqa: F401
+
+            cpu_vec_isa.pick_vec_isa()
+
+        _warm_up = threading.Thread(target=work, name="elbolab-inductor-warm-up", daemon=True)
+        _warm_up.start()
 
 
 class _Loss(torch.nn.Module):
@@ -101,10 +124,11 @@ class CompiledStep:
 
     def _first(self, x: torch.Tensor) -> torch.Tensor:
         """Capture and compile on the first minibatch; check against eager on it."""
-        from torch._inductor import config as inductor
         from torch.fx.experimental.proxy_tensor import make_fx
 
         tic = time.perf_counter()
+        if _warm_up is not None:
+            _warm_up.join()  # whatever failed there fails again below, with its message
         self.shape = x.shape
         state = torch.get_rng_state()
         loss = self.eager(x)  # also lets the objective settle its plate layout before capture
@@ -118,10 +142,11 @@ class CompiledStep:
                     inputs, x
                 )
                 graph = _deduplicate(graph)
-                with inductor.patch(fallback_random=True):
-                    compiled = torch.compile(graph, dynamic=False)
-                    torch.set_rng_state(state)
-                    c_loss, c_grads = compiled([p.detach() for p in self.params], x)
+                inputs = [[p.detach() for p in self.params], x]
+                # straight to inductor: the graph is already traced, Dynamo would trace it again
+                compiled = _inductor(graph, inputs)
+                torch.set_rng_state(state)
+                c_loss, c_grads = compiled(*inputs)
         except Exception as err:  # any failure of capture or compilation: stay eager
             first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
             return self._give_up(f"{type(err).__name__}: {first[:200]}", tic, loss)
@@ -130,7 +155,7 @@ class CompiledStep:
             for p, g in zip(self.params, eager_grads, strict=True):
                 p.grad = g
             return self._give_up(mismatch, tic, loss)
-        self.compiled = _InductorRandom(compiled)
+        self.compiled = compiled
         for p, g in zip(self.params, c_grads, strict=True):
             p.grad = g
         self.compile_seconds = time.perf_counter() - tic
@@ -159,17 +184,20 @@ def _deduplicate(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return merged
 
 
-class _InductorRandom:
-    """Calls the compiled graph with torch's generator behind its random numbers."""
+def _inductor(graph: torch.fx.GraphModule, inputs: list) -> Callable:
+    """``graph`` compiled by inductor, which looks it up in its on-disk cache first.
 
-    def __init__(self, compiled: Callable) -> None:
-        self.compiled = compiled
+    The graph is already traced, so it goes to inductor directly (through
+    Dynamo it would be traced again: seconds for a step's few thousand
+    operations). Inductor's cache wants a shape environment, which a
+    static-shape fake-tensor context provides.
+    """
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    def __call__(self, *args):
-        from torch._inductor import config as inductor
-
-        with inductor.patch(fallback_random=True):
-            return self.compiled(*args)
+    with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+        return torch._inductor.compile(graph, inputs, {"fallback_random": True})
 
 
 def _mismatch(loss, c_loss, grads, c_grads) -> str | None:

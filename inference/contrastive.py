@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from ppl_models.rbm import RBM, sample_bernoulli
+from ppl_models.rbm import RBM, BernoulliStream, sample_bernoulli
 
 from . import distributed
 from .data import load_dataset
@@ -145,38 +145,39 @@ def learning_rate(config: RBMConfig, epoch: int) -> float:
     return config.lr
 
 
-def _cd_update(rbm, v, h_chains, config, velocity, lr: float) -> torch.Tensor:
+def _cd_update(rbm, v, h_chains, config, velocity, lr: float, draw) -> torch.Tensor:
     """One CD-k / PCD-k update in place; returns the persistent chains' new hidden states.
 
     A persistent chain's state is its hidden sample: each update continues it
     with k transitions v ~ p(v|h), h ~ p(h|v) under the current parameters
     (Tieleman 2008), so no product is spent re-deriving h from the chain's
     visibles. CD-k starts every chain at h ~ p(h|v_data). The negative phase
-    uses p(h=1|v_neg) (Rao-Blackwellised). The update is
+    uses p(h=1|v_neg) (Rao-Blackwellised). ``draw`` makes the binary samples
+    (:meth:`~ppl_models.rbm.BernoulliStream.sample`). The update is
     ``contrastive_gradient`` (with weight decay on W) folded into the momentum
     buffers: vel <- momentum vel + lr grad, theta <- theta + vel, accumulated
-    with ``addmm_`` so that the (n_visible, n_hidden) matrices are touched as
-    few times as possible.
+    with ``addmm_`` (the momentum as its ``beta``) so that the
+    (n_visible, n_hidden) matrices are touched as few times as possible.
     """
-    ph_data, v_neg, ph, h = _phases(rbm, v, h_chains, config)
+    ph_data, v_neg, ph, h = _phases(rbm, v, h_chains, config, draw)
     step_size = lr / v.shape[0]
-    vel = velocity["W"].mul_(config.momentum)
-    vel.addmm_(v.T, ph_data, alpha=step_size).addmm_(v_neg.T, ph, alpha=-step_size)
+    vel = velocity["W"].addmm_(v.T, ph_data, beta=config.momentum, alpha=step_size)
+    vel.addmm_(v_neg.T, ph, alpha=-step_size)
     _step(rbm, v.sum(0) - v_neg.sum(0), ph_data.sum(0) - ph.sum(0), config, velocity, lr,
           step_size)  # fmt: skip
     return h
 
 
-def _phases(rbm, v, h_chains, config):
+def _phases(rbm, v, h_chains, config, draw):
     """Data and model phases: p(h|v_data), the negative visibles, p(h|v_neg), the chains' h."""
     ph_data = torch.addmm(rbm.b_h, v, rbm.W).sigmoid_()
     persistent = config.method == "pcd"
-    h = h_chains if persistent else sample_bernoulli(ph_data)
+    h = h_chains if persistent else draw(ph_data)
     for step in range(config.cd_steps):
-        v_neg = sample_bernoulli(torch.addmm(rbm.b_v, h, rbm.W.T).sigmoid_())
+        v_neg = draw(torch.addmm(rbm.b_v, h, rbm.W.T).sigmoid_())
         ph = torch.addmm(rbm.b_h, v_neg, rbm.W).sigmoid_()
         if persistent or step + 1 < config.cd_steps:
-            h = sample_bernoulli(ph)
+            h = draw(ph)
     return ph_data, v_neg, ph, h
 
 
@@ -205,9 +206,9 @@ def _cd_update_sharded(rbm, x, chains, pieces, config, velocity, lr: float, *, w
     grad_b_v, grad_b_h = torch.zeros_like(rbm.b_v), torch.zeros_like(rbm.b_h)
     new_chains = torch.zeros_like(chains[:batch])
     for piece, seed in pieces:
-        torch.manual_seed(seed)
         v = x[piece]
-        ph_data, v_neg, ph, h = _phases(rbm, v, chains[piece], config)
+        draw = BernoulliStream(seed).sample
+        ph_data, v_neg, ph, h = _phases(rbm, v, chains[piece], config, draw)
         grad_w.addmm_(v.T, ph_data).addmm_(v_neg.T, ph, alpha=-1.0)
         grad_b_v += v.sum(0) - v_neg.sum(0)
         grad_b_h += ph_data.sum(0) - ph.sum(0)
@@ -267,6 +268,7 @@ def train_rbm(
         "hidden_chains": sample_bernoulli(torch.full((config.batch_size, config.hidden), 0.5)),
     }
     shuffle = torch.Generator().manual_seed(config.seed)
+    bernoulli = BernoulliStream(config.seed)  # the Gibbs steps' draws
     num_data = x_train.shape[0]
     exact = min(rbm.n_visible, rbm.n_hidden) <= EXACT_METRIC_UNITS
 
@@ -279,6 +281,8 @@ def train_rbm(
         rbm.load_state_dict(state["model"])
         run["velocity"], run["hidden_chains"] = state["velocity"], state["hidden_chains"]
         restore_rng(state["rng"], shuffle)
+        if "bernoulli" in state:  # checkpoints older than the stream continue from the seed's
+            bernoulli.set_state(state["bernoulli"])
 
     @torch.no_grad()
     def epoch(index: int, bar) -> dict:
@@ -288,15 +292,17 @@ def train_rbm(
         tic = time.perf_counter()
         for step, begin in enumerate(range(0, num_data, config.batch_size)):
             rows = order[begin : begin + config.batch_size]
+            x = x_train.index_select(0, rows)
             if shards > 1:  # pieces of the batch, each with its own seed
                 pieces = [
                     (piece, distributed.batch_seed(config.seed, index, step, i))
                     for i, piece in distributed.my_pieces(world, len(rows), shards)
                 ]
-                new = _cd_update_sharded(rbm, x_train[rows], chains, pieces, config, velocity, lr,
+                new = _cd_update_sharded(rbm, x, chains, pieces, config, velocity, lr,
                                          world=world)  # fmt: skip
             else:
-                new = _cd_update(rbm, x_train[rows], chains[: len(rows)], config, velocity, lr)
+                new = _cd_update(rbm, x, chains[: len(rows)], config, velocity, lr,
+                                 bernoulli.sample)  # fmt: skip
             if config.method == "pcd":
                 chains[: len(rows)] = new
             bar.update(1)
@@ -316,7 +322,8 @@ def train_rbm(
         return row
 
     def state() -> dict:
-        return {"model": rbm.state_dict(), **run, "rng": rng_state(shuffle, torch.device("cpu"))}
+        rng = rng_state(shuffle, torch.device("cpu"))
+        return {"model": rbm.state_dict(), **run, "rng": rng, "bernoulli": bernoulli.state}
 
     steps = math.ceil(num_data / config.batch_size)
     trainer = Trainer(start, epoch, state, steps, f"rbm/{config.method}-{config.cd_steps}")

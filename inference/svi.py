@@ -19,7 +19,7 @@ import torch
 
 from . import distributed, user_model
 from .bounds import elbo_bound
-from .compiled import CompiledStep
+from .compiled import CompiledStep, warm_up
 from .objectives import make_objective
 from .runs import (
     TrainConfig,
@@ -120,6 +120,8 @@ def train(
             config.model_sha256 = user_model.digest(config.model)
     check_device(config.device)
     device = torch.device(config.device)
+    if config.compile and shards == 1:
+        warm_up()  # while the data loads and the model is built
     pyro.set_rng_seed(config.seed)  # before the model's initialisation
     dataset, model = build(config)
     model.to(device)

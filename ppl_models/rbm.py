@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -37,6 +38,48 @@ def sample_bernoulli(probs: torch.Tensor, generator: torch.Generator | None = No
     """
     u = torch.rand(probs.shape, dtype=probs.dtype, device=probs.device, generator=generator)
     return u.lt_(probs)
+
+
+class BernoulliStream:
+    """Binary draws like :func:`sample_bernoulli`, from a seeded SFC64 bit stream of their own.
+
+    Each draw compares P(1) with a uniform on the grid {k / 2^23}, made from 23
+    random bits placed in the mantissa of a float in [1, 2): P(draw = 1)
+    differs from the requested probability by less than 2^-23 (``torch.rand``
+    has the same kind of grid, 2^-24), draws are exactly 0 where P(1) = 0 and
+    exactly 1 where P(1) = 1. numpy's SFC64 gives raw 64-bit words about three
+    times faster than torch's CPU generator gives floats, which in an RBM's
+    Gibbs step costs as much as a matrix product. The stream is independent
+    of torch's global generator; :attr:`state` and :meth:`set_state`
+    checkpoint it exactly.
+
+    Parameters
+    ----------
+    seed : int or sequence of int
+        Entropy for numpy's ``SeedSequence``; equal seeds give equal draws.
+    """
+
+    def __init__(self, seed: int | tuple[int, ...]) -> None:
+        self._bits = np.random.SFC64(np.random.SeedSequence(seed))
+
+    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+        """0/1 draws with P(1) = ``probs`` (CPU), in the dtype of ``probs``."""
+        n = probs.numel()
+        words = self._bits.random_raw((n + 1) // 2).view(np.int32)[:n]
+        u = torch.from_numpy(words).view(probs.shape)
+        u = u.bitwise_and_(0x007FFFFF).bitwise_or_(0x3F800000).view(torch.float32).sub_(1.0)
+        return u.lt_(probs) if probs.dtype == torch.float32 else (u < probs).to(probs.dtype)
+
+    @property
+    def state(self) -> list[int]:
+        """The generator's state as plain integers (checkpoint-safe)."""
+        return [int(word) for word in self._bits.state["state"]["state"]]
+
+    def set_state(self, words: list[int]) -> None:
+        state = self._bits.state
+        state["state"]["state"] = np.array(words, dtype=np.uint64)
+        state["has_uint32"], state["uinteger"] = 0, 0
+        self._bits.state = state
 
 
 class RBM(PyroModule):

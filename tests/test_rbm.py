@@ -157,6 +157,7 @@ def test_training_update_is_the_contrastive_gradient_with_momentum_and_decay(met
     two code paths must agree to rounding for two steps of momentum and decay.
     """
     from inference.contrastive import RBMConfig, _cd_update, contrastive_gradient
+    from ppl_models.rbm import BernoulliStream
 
     rbm = random_rbm(6, 4, seed=7, scale=0.3).requires_grad_(False)
     with torch.no_grad():
@@ -175,7 +176,7 @@ def test_training_update_is_the_contrastive_gradient_with_momentum_and_decay(met
         for name, p in rbm.named_parameters():
             expected_vel[name] = config.momentum * expected_vel[name] + lr * grad[name]
             expected[name] = p + expected_vel[name]
-        chains = _cd_update(rbm, v, chains, config, velocity, lr)
+        chains = _cd_update(rbm, v, chains, config, velocity, lr, BernoulliStream(0).sample)
         for name, p in rbm.named_parameters():
             assert torch.allclose(p, expected[name], atol=1e-12), name
     assert chains.shape == (5, 4) and ((chains == 0) | (chains == 1)).all()
@@ -250,3 +251,32 @@ def test_rbm_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
     assert main(["rbm", "train", *args, "--out", str(tmp_path / "run"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bernoulli_stream_draws_the_requested_probabilities_and_checkpoints_exactly():
+    from ppl_models.rbm import BernoulliStream
+
+    stream = BernoulliStream(5)
+    probs = torch.tensor([0.0, 1e-3, 0.25, 0.5, 0.9, 1.0])
+    n = 200_000
+    draws = stream.sample(probs.expand(n, -1).contiguous())
+    assert draws.dtype == torch.float32 and ((draws == 0) | (draws == 1)).all()
+    freq = draws.mean(0)
+    stderr = (probs * (1 - probs) / n).sqrt()
+    assert (freq - probs).abs().le(4 * stderr + 1e-7).all(), (freq, probs)
+    assert freq[0] == 0 and freq[-1] == 1  # certain outcomes are exact
+    # float64 probabilities give float64 draws from the same uniforms
+    state = stream.state
+    p64 = torch.rand(300, 7, dtype=torch.float64)
+    a = stream.sample(p64)
+    stream.set_state(state)
+    b = stream.sample(p64.float())
+    assert a.dtype == torch.float64 and torch.equal(a.float(), b)
+    # the state restores the stream exactly; another seed gives other draws
+    state = stream.state
+    first = stream.sample(torch.full((1000,), 0.5))
+    stream.set_state(state)
+    assert torch.equal(stream.sample(torch.full((1000,), 0.5)), first)
+    assert not torch.equal(BernoulliStream(6).sample(torch.full((1000,), 0.5)), first)
+    assert torch.equal(BernoulliStream(6).sample(torch.full((1000,), 0.5)),
+                       BernoulliStream(6).sample(torch.full((1000,), 0.5)))  # fmt: skip
