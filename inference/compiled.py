@@ -46,9 +46,11 @@ def warm_up() -> None:
     if _warm_up is None:
 
         def work():
-            from torch._inductor import compile_fx, cpu_vec_isa  # noqa: F401
+            from torch._inductor import cpu_vec_isa
 
+            _probe_concurrently(cpu_vec_isa)
             cpu_vec_isa.pick_vec_isa()
+            from torch._inductor import compile_fx  # noqa: F401
 
         _warm_up = threading.Thread(target=work, name="elbolab-inductor-warm-up", daemon=True)
         _warm_up.start()
@@ -64,6 +66,31 @@ class _Loss(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.objective.differentiable_loss(self.model.model, self.model.guide, x,
                                                   **self.kwargs)  # fmt: skip
+
+
+def _probe_concurrently(cpu_vec_isa) -> None:
+    """Inductor's checks of the vector instruction sets this CPU reports, run side by side.
+
+    Each check loads a small compiled library in a child Python; inductor runs
+    them one after another (about 10 children, 1.5 s on the test machine) and
+    caches each result on its instruction set, so running them concurrently
+    first leaves ``pick_vec_isa`` nothing to wait for. Anything unexpected in
+    inductor's internals leaves the checks to inductor.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        reported = cpu_vec_isa.x86_isa_checker()
+        isas = [
+            isa
+            for isa in cpu_vec_isa.supported_vec_isa_list
+            if all(flag in reported for flag in str(isa).split())
+        ]
+    except Exception:  # not x86, or inductor changed: its own sequential checks will run
+        return
+    if isas:
+        with ThreadPoolExecutor(len(isas)) as pool:
+            list(pool.map(bool, isas))
 
 
 class CompiledStep:

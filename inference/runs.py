@@ -149,7 +149,9 @@ class TrainConfig(RunConfig):
     min_count: int | None = None  # text data: vocabulary options (see inference.data)
     max_vocab: int | None = None
     device: str = "cpu"
-    compile: bool = False  # the training step captured and compiled (see inference.compiled)
+    # The training step captured and compiled (inference.compiled); None: when the run is long
+    # enough to pay for it (inference.svi.COMPILE_MIN_STEPS). config.json records the decision.
+    compile: bool | None = None
     model_sha256: str | None = None  # of a user model's file (see inference.user_model)
     extra: dict = field(default_factory=dict)
 
@@ -328,7 +330,8 @@ def prepare_run(config, out: Path, resume: bool, *, overwrite=False, changeable=
         if detail:
             raise RunError(f"--resume keeps the run's configuration; differs in {detail}")
         for name in changeable:
-            setattr(saved, name, getattr(config, name))
+            if getattr(config, name) is not None:  # None: left to the run (compile)
+                setattr(saved, name, getattr(config, name))
         return saved
     if overwrite:
         clear_run(out)

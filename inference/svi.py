@@ -33,7 +33,9 @@ from .runs import (
 from .tracing import log_importance_weights
 from .training import Trainer, TrainingDiverged, check_finite, fit
 
-__all__ = ["TrainingDiverged", "heldout_elbo", "make_optimizer", "train"]
+__all__ = ["TrainingDiverged", "heldout_elbo", "make_optimizer", "train", "worth_compiling"]
+
+COMPILE_MIN_STEPS = 3000  # full minibatches in a run from which compiling is the default
 
 
 @torch.no_grad()
@@ -45,6 +47,19 @@ def heldout_elbo(model, x: torch.Tensor, *, batch_size: int = 1000) -> float:
         log_w = log_importance_weights(model.model, model.guide, xb, num_particles=1)
         total += float(elbo_bound(log_w).value.sum())
     return total / x.shape[0]
+
+
+def worth_compiling(config: TrainConfig, num_data: int) -> bool:
+    """Whether a run compiles its step when ``--compile``/``--no-compile`` is not given.
+
+    Compilation costs about 2.5 s with inductor's on-disk cache warm and 8-14 s
+    when cold (the first run on a machine), and saves 2-4 ms per step at
+    K = 1-5 and about 35 ms at K = 50 on the 784-200-200-50 VAE at batch 128
+    (``benchmarks/bench_train_step.py``): it pays from a few thousand steps.
+    Runs of at least :data:`COMPILE_MIN_STEPS` full minibatches compile; the
+    shorter ones (tests, the digits demo) stay eager.
+    """
+    return config.epochs * (num_data // config.batch_size) >= COMPILE_MIN_STEPS
 
 
 def make_optimizer(model: torch.nn.Module, *, lr: float) -> torch.optim.Optimizer:
@@ -108,6 +123,8 @@ def train(
     shards = shards or world.size
     if shards < world.size:
         raise ValueError(f"shards={shards} is fewer than the {world.size} processes")
+    if config.compile and shards == 1:
+        warm_up()  # while the run directory is prepared, the data loads and the model is built
     if user_model.is_reference(config.model):
         config.model = user_model.resolve(config.model)
     config = distributed.on_main(world, lambda: prepare_run(
@@ -120,8 +137,6 @@ def train(
             config.model_sha256 = user_model.digest(config.model)
     check_device(config.device)
     device = torch.device(config.device)
-    if config.compile and shards == 1:
-        warm_up()  # while the data loads and the model is built
     pyro.set_rng_seed(config.seed)  # before the model's initialisation
     dataset, model = build(config)
     model.to(device)
@@ -132,6 +147,10 @@ def train(
     objective = make_objective(config.objective, num_particles=config.num_particles)
     shuffle = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(num_data / config.batch_size)
+    if config.compile is None:  # decided once, for a new run; config.json records it
+        config.compile = shards == 1 and worth_compiling(config, num_data)
+        if config.compile:
+            warm_up()
     # Pyro's own examples write model(x) and guide(x): N/B scaling only where they take it.
     takes_num_data = all(user_model.accepts(f, "num_data") for f in (model.model, model.guide))
     scale_kwargs = {"num_data": num_data} if takes_num_data else {}
@@ -149,7 +168,7 @@ def train(
         if world.active:  # the same start on every rank, whatever each one read
             distributed.broadcast_parameters(model)
 
-    # One process: the step captured and compiled for the full minibatch's shape (--compile).
+    # One process: the step captured and compiled for the full minibatch's shape.
     compiled = config.compile and shards == 1
     stepper = CompiledStep(model, objective, scale_kwargs) if compiled else None
 

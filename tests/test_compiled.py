@@ -115,3 +115,29 @@ def test_compiled_training_matches_eager_training_and_resumes(tmp_path):
     w_part = torch.load(part / "checkpoint.pt", weights_only=True)["model"]
     for k in w_comp:
         assert torch.allclose(w_part[k], w_comp[k], atol=1e-6), k
+
+
+def test_runs_long_enough_compile_by_default_and_config_json_records_the_choice(
+    tmp_path, monkeypatch
+):
+    import inference.svi as svi
+    from inference.commands.cli import build_parser
+
+    # digits: 1437 training images, 11 full minibatches of 128 per epoch
+    assert not svi.worth_compiling(TrainConfig(epochs=272), 1437)  # 2992 steps
+    assert svi.worth_compiling(TrainConfig(epochs=273), 1437)  # 3003 steps
+    options = dict(epochs=1, hidden=[32], z_dim=4, num_particles=2)
+    train(TrainConfig(**options), tmp_path / "short", progress=False)
+    assert json.loads((tmp_path / "short" / "config.json").read_text())["compile"] is False
+    assert "compiled" not in _metrics(tmp_path / "short")[0]
+    monkeypatch.setattr(svi, "COMPILE_MIN_STEPS", 11)
+    train(TrainConfig(**options), tmp_path / "long", progress=False)
+    assert json.loads((tmp_path / "long" / "config.json").read_text())["compile"] is True
+    assert _metrics(tmp_path / "long")[0]["compiled"] is True
+    # an explicit choice wins either way
+    train(TrainConfig(**options, compile=False), tmp_path / "off", progress=False)
+    assert json.loads((tmp_path / "off" / "config.json").read_text())["compile"] is False
+    parser = build_parser()
+    for flags, expected in (([], None), (["--compile"], True), (["--no-compile"], False)):
+        args = parser.parse_args(["train", "--out", "x", *flags])
+        assert args.compile is expected

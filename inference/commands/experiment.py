@@ -98,7 +98,7 @@ def ensure_trained(config: TrainConfig, run: Path, *, progress: bool) -> None:
     if not (run / CONFIG).exists():
         train(config, run, progress=progress)
         return
-    detail = config_differences(read_config(run), config, ignore=("epochs", "device"))
+    detail = config_differences(read_config(run), config, ignore=("epochs", "device", "compile"))
     if detail:
         raise RunError(
             f"{run} holds a run of another configuration ({detail}); choose another --out "

@@ -10,7 +10,7 @@ from .. import user_model
 from ..data import DATASETS
 from ..objectives import OBJECTIVES
 from ..runs import TrainConfig
-from ..svi import train
+from ..svi import COMPILE_MIN_STEPS, train
 from .flags import add_flags, config_from, int_list, train_from_args
 
 
@@ -51,8 +51,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-count", type=int, help="text: fewer training occurrences are <unk> (2)")
     p.add_argument("--max-vocab", type=int, help="text: most frequent words kept (10000)")
     p.add_argument(
-        "--compile", action="store_true", default=None,
-        help="capture the training step once and compile it (torch.compile, inductor)",
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="capture the training step once and compile it (inductor); default: compile runs "
+        f"of at least {COMPILE_MIN_STEPS} minibatch steps, whose speed-up pays for the compilation",
     )  # fmt: skip
     add_flags(p, "seed", "device", seed=None, seed_shown=0, device=None, device_shown="cpu")
     add_flags(p, "no_progress")
@@ -73,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
     if not last:  # another rank than 0 of a torchrun job
         return 0
     heldout = next(k for k in last if k.endswith("_elbo"))
+    how = ", step compiled" if last.get("compiled") else ""
     print(
-        f"trained {last['epoch']} epochs in {last['elapsed']:.1f} s: training bound "
+        f"trained {last['epoch']} epochs in {last['elapsed']:.1f} s{how}: training bound "
         f"{last['train_bound']:.3f}, {heldout.replace('_', ' ')} {last[heldout]:.3f} nats; "
         f"run in {args.out}"
     )
