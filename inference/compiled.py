@@ -7,8 +7,14 @@ numbers change. :class:`CompiledStep` records that sequence once, forward
 and backward together (``make_fx`` on fake tensors: no real computation, and
 a model whose Python control flow depends on the data's values cannot be
 captured, so it is never captured wrongly), and hands the graph to
-``torch.compile`` (inductor; gcc on CPU). Every later step is one call of
-compiled code with the parameters and the minibatch as inputs.
+inductor (gcc on CPU). Every later step is one call of compiled code with
+the parameters and the minibatch as inputs.
+
+Without inductor (``backend="replay"``) the recorded graph itself is run:
+the same aten operations in the same order as the eager step, without
+Pyro's tracing, distribution objects and autograd's tape, so the same loss
+and gradients bit for bit (checked on the first step) at a fraction of the
+Python overhead, for the cost of the capture alone (a fraction of a second).
 
 Random numbers come from torch's own generator, exactly as in eager mode
 (``fallback_random``), so a compiled step draws the same noise as the eager
@@ -93,8 +99,11 @@ def _probe_concurrently(cpu_vec_isa) -> None:
             list(pool.map(bool, isas))
 
 
+BACKENDS = ("inductor", "replay")
+
+
 class CompiledStep:
-    """Loss and gradients of ``objective`` on ``model``, compiled for one minibatch shape.
+    """Loss and gradients of ``objective`` on ``model``, captured for one minibatch shape.
 
     Parameters
     ----------
@@ -104,6 +113,9 @@ class CompiledStep:
         An :mod:`inference.objectives` objective.
     kwargs : dict
         Keyword arguments of the model and guide (``num_data``).
+    backend : {"inductor", "replay"}
+        Compile the captured graph, or run it as recorded (the eager step's
+        numbers bit for bit).
 
     Attributes
     ----------
@@ -113,7 +125,12 @@ class CompiledStep:
         Why the step is eager, when it is.
     """
 
-    def __init__(self, model: torch.nn.Module, objective, kwargs: dict) -> None:
+    def __init__(
+        self, model: torch.nn.Module, objective, kwargs: dict, *, backend: str = "inductor"
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        self.backend = backend
         self.model, self.objective, self.kwargs = model, objective, kwargs
         self.loss_module = _Loss(model, objective, kwargs)
         self.names = [n for n, p in self.loss_module.named_parameters() if p.requires_grad]
@@ -154,7 +171,7 @@ class CompiledStep:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         tic = time.perf_counter()
-        if _warm_up is not None:
+        if _warm_up is not None and self.backend == "inductor":
             _warm_up.join()  # whatever failed there fails again below, with its message
         self.shape = x.shape
         state = torch.get_rng_state()
@@ -170,14 +187,17 @@ class CompiledStep:
                 )
                 graph = _deduplicate(graph)
                 inputs = [[p.detach() for p in self.params], x]
-                # straight to inductor: the graph is already traced, Dynamo would trace it again
-                compiled = _inductor(graph, inputs)
+                if self.backend == "replay":
+                    compiled = graph
+                else:  # straight to inductor: the graph is traced, Dynamo would trace it again
+                    compiled = _inductor(graph, inputs)
                 torch.set_rng_state(state)
                 c_loss, c_grads = compiled(*inputs)
         except Exception as err:  # any failure of capture or compilation: stay eager
             first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
             return self._give_up(f"{type(err).__name__}: {first[:200]}", tic, loss)
-        mismatch = _mismatch(loss, c_loss, eager_grads, c_grads)
+        exact = self.backend == "replay"
+        mismatch = _mismatch(loss, c_loss, eager_grads, c_grads, exact=exact)
         if mismatch:
             for p, g in zip(self.params, eager_grads, strict=True):
                 p.grad = g
@@ -189,10 +209,12 @@ class CompiledStep:
         return c_loss.detach()
 
     def _give_up(self, why: str, tic: float, loss: torch.Tensor) -> torch.Tensor:
+        """Eager from now on; a compilation that was asked for says why (a replay is recorded)."""
         self.fallback = why
         self.compile_seconds = time.perf_counter() - tic
-        warnings.warn(f"training eagerly: the step could not be compiled ({why})", RuntimeWarning,
-                      stacklevel=3)  # fmt: skip
+        if self.backend == "inductor":
+            warnings.warn(f"training eagerly: the step could not be compiled ({why})",
+                          RuntimeWarning, stacklevel=3)  # fmt: skip
         return loss
 
 
@@ -227,8 +249,16 @@ def _inductor(graph: torch.fx.GraphModule, inputs: list) -> Callable:
         return torch._inductor.compile(graph, inputs, {"fallback_random": True})
 
 
-def _mismatch(loss, c_loss, grads, c_grads) -> str | None:
-    """Why the compiled step differs from the eager one beyond float rounding (None if not)."""
+def _mismatch(loss, c_loss, grads, c_grads, *, exact: bool = False) -> str | None:
+    """Why the compiled step differs from the eager one beyond float rounding (None if not).
+
+    ``exact``: any difference at all (a replay runs the eager step's operations).
+    """
+    if exact:
+        same = torch.equal(loss, c_loss) and all(
+            torch.equal(g, c) for g, c in zip(grads, c_grads, strict=True)
+        )
+        return None if same else "the replayed step differs from the eager one"
     scale = max(abs(float(loss)), 1.0)
     if not abs(float(loss) - float(c_loss)) <= TOLERANCE * scale:
         return f"the compiled loss {float(c_loss):.6g} differs from the eager {float(loss):.6g}"

@@ -35,11 +35,13 @@ def _pyro_example_vae(x_dim):
     ],
     ids=["vae-iwae", "hvae-dreg", "pyro-example-elbo"],
 )
-def test_compiled_step_equals_the_eager_step(build, objective, kwargs):
+@pytest.mark.parametrize("backend", ["inductor", "replay"])
+def test_compiled_step_equals_the_eager_step(build, objective, kwargs, backend):
+    """Compiled: equal to float rounding; replayed: the same operations, equal bit for bit."""
     pyro.set_rng_seed(0)
     model = build()
     x = (torch.rand(32, 64) < 0.3).float()
-    step = CompiledStep(model, make_objective(objective, num_particles=5), kwargs)
+    step = CompiledStep(model, make_objective(objective, num_particles=5), kwargs, backend=backend)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="training eagerly")  # a fallback warns
         step(x)  # capture, compile and the first-step check
@@ -53,6 +55,10 @@ def test_compiled_step_equals_the_eager_step(build, objective, kwargs):
             p.grad = None
         torch.manual_seed(seed)
         eager_loss = step.eager(x)
+        if backend == "replay":
+            assert torch.equal(loss, eager_loss)
+            assert all(torch.equal(c, p.grad) for c, p in zip(compiled, params, strict=True))
+            continue
         assert float(loss) == pytest.approx(float(eager_loss), rel=1e-5)
         for c, p in zip(compiled, params, strict=True):
             assert torch.allclose(c, p.grad, rtol=1e-4, atol=1e-5 * float(p.grad.abs().max()))
@@ -89,6 +95,12 @@ def test_a_model_that_cannot_be_captured_trains_eagerly_and_says_so():
     model.loc.grad = None
     step(x)  # eager from now on, silently
     assert model.loc.grad is not None
+    # a replay, which nobody asked for by name, falls back without a warning
+    replay = CompiledStep(model, make_objective("elbo"), {}, backend="replay")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        replay(x)
+    assert replay.compiled is None and "DataDependent" in replay.fallback
 
 
 def _metrics(run):
@@ -141,3 +153,21 @@ def test_runs_long_enough_compile_by_default_and_config_json_records_the_choice(
     for flags, expected in (([], None), (["--compile"], True), (["--no-compile"], False)):
         args = parser.parse_args(["train", "--out", "x", *flags])
         assert args.compile is expected
+
+
+def test_a_replayed_run_trains_bit_for_bit_like_an_eager_one(tmp_path, monkeypatch):
+    import inference.svi as svi
+
+    options = dict(epochs=2, hidden=[32], z_dim=4, num_particles=3, objective="dreg",
+                   model="hvae")  # fmt: skip
+    assert svi.worth_replaying(TrainConfig(epochs=46), 1437)  # 506 steps
+    assert not svi.worth_replaying(TrainConfig(epochs=45), 1437)  # 495 steps
+    train(TrainConfig(**options), tmp_path / "eager", progress=False)
+    monkeypatch.setattr(svi, "REPLAY_MIN_STEPS", 1)
+    train(TrainConfig(**options), tmp_path / "replay", progress=False)
+    eager, replay = _metrics(tmp_path / "eager"), _metrics(tmp_path / "replay")
+    assert "replayed" not in eager[0] and all(row["replayed"] for row in replay)
+    assert [r["train_bound"] for r in eager] == [r["train_bound"] for r in replay]
+    w_eager = torch.load(tmp_path / "eager" / "checkpoint.pt", weights_only=True)["model"]
+    w_replay = torch.load(tmp_path / "replay" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(w_eager[k], w_replay[k]) for k in w_eager)
