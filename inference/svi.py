@@ -30,7 +30,7 @@ from .runs import (
     restore_rng,
     rng_state,
 )
-from .tracing import log_importance_weights
+from .tracing import guess_max_plate_nesting, log_importance_weights
 from .training import Trainer, TrainingDiverged, check_finite, fit
 
 __all__ = [
@@ -45,10 +45,13 @@ REPLAY_MIN_STEPS = 500  # ... from which an eager run replays its captured step
 @torch.no_grad()
 def heldout_elbo(model, x: torch.Tensor, *, batch_size: int = 1000) -> float:
     """Single-sample ELBO averaged over ``x`` (nats per datapoint)."""
-    total = 0.0
+    total, nesting = 0.0, None
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size]
-        log_w = log_importance_weights(model.model, model.guide, xb, num_particles=1)
+        if nesting is None:  # one dry run for the model's plates, not one per batch
+            nesting = guess_max_plate_nesting(model.model, model.guide, (xb,), {})
+        log_w = log_importance_weights(model.model, model.guide, xb, num_particles=1,
+                                       max_plate_nesting=nesting)  # fmt: skip
         total += float(elbo_bound(log_w).value.sum())
     return total / x.shape[0]
 

@@ -68,6 +68,13 @@ def test_native_subsampling_scores_the_guides_minibatch(float64):
     # Particles drawn in chunks share one minibatch.
     log_w = log_importance_weights(model, guide, x, num_particles=6, chunk_size=2)
     assert torch.allclose(log_w, log_w[0].expand_as(log_w), atol=1e-9)
+    # A caller that knows the plates skips the dry run: the same minibatch, the same weights.
+    for k in (1, 4):
+        torch.manual_seed(k)
+        with_dry_run = log_importance_weights(model, guide, x, num_particles=k)
+        torch.manual_seed(k)
+        known = log_importance_weights(model, guide, x, num_particles=k, max_plate_nesting=1)
+        assert torch.allclose(with_dry_run, known, rtol=0, atol=1e-12)  # float64 rounding
 
 
 @pytest.mark.parametrize("objective", ["iwae", "elbo", "dreg"])
