@@ -157,14 +157,23 @@ def _cd_update(rbm, v, h_chains, config, velocity, lr: float, draw) -> torch.Ten
     ``contrastive_gradient`` (with weight decay on W) folded into the momentum
     buffers: vel <- momentum vel + lr grad, theta <- theta + vel, accumulated
     with ``addmm_`` (the momentum as its ``beta``) so that the
-    (n_visible, n_hidden) matrices are touched as few times as possible.
+    (n_visible, n_hidden) matrices are touched as few times as possible;
+    without momentum the velocities stay zero and the step goes into the
+    parameters directly, the weight decay as the products' ``beta``.
     """
     ph_data, v_neg, ph, h = _phases(rbm, v, h_chains, config, draw)
     step_size = lr / v.shape[0]
+    grad_b_v, grad_b_h = v.sum(0) - v_neg.sum(0), ph_data.sum(0) - ph.sum(0)
+    if config.momentum == 0:  # no velocity: the step (and the decay, as beta) straight into W
+        decay = 1 - lr * config.weight_decay
+        rbm.W.addmm_(v.T, ph_data, beta=decay, alpha=step_size)
+        rbm.W.addmm_(v_neg.T, ph, alpha=-step_size)
+        rbm.b_v.add_(grad_b_v, alpha=step_size)
+        rbm.b_h.add_(grad_b_h, alpha=step_size)
+        return h
     vel = velocity["W"].addmm_(v.T, ph_data, beta=config.momentum, alpha=step_size)
     vel.addmm_(v_neg.T, ph, alpha=-step_size)
-    _step(rbm, v.sum(0) - v_neg.sum(0), ph_data.sum(0) - ph.sum(0), config, velocity, lr,
-          step_size)  # fmt: skip
+    _step(rbm, grad_b_v, grad_b_h, config, velocity, lr, step_size)
     return h
 
 

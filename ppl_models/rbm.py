@@ -40,6 +40,12 @@ def sample_bernoulli(probs: torch.Tensor, generator: torch.Generator | None = No
     return u.lt_(probs)
 
 
+# 23 random mantissa bits under the exponent of 1.0 make a float in [1, 2) (int32 tensors, so
+# that no Python number is converted on every call).
+_MANTISSA = torch.tensor(0x007FFFFF, dtype=torch.int32)
+_ONE = torch.tensor(0x3F800000, dtype=torch.int32)
+
+
 class BernoulliStream:
     """Binary draws like :func:`sample_bernoulli`, from a seeded SFC64 bit stream of their own.
 
@@ -67,7 +73,7 @@ class BernoulliStream:
         n = probs.numel()
         words = self._bits.random_raw((n + 1) // 2).view(np.int32)[:n]
         u = torch.from_numpy(words).view(probs.shape)
-        u = u.bitwise_and_(0x007FFFFF).bitwise_or_(0x3F800000).view(torch.float32).sub_(1.0)
+        u = u.bitwise_and_(_MANTISSA).bitwise_or_(_ONE).view(torch.float32).sub_(1.0)
         return u.lt_(probs) if probs.dtype == torch.float32 else (u < probs).to(probs.dtype)
 
     @property

@@ -149,8 +149,9 @@ def test_long_chain_contrastive_gradient_is_the_exact_gradient():
     assert ((estimate["b_h"] - exact["b_h"]).abs() < 5 * ph.std(0) / 200 + 1e-3).all()
 
 
+@pytest.mark.parametrize("momentum", [0.5, 0.0])
 @pytest.mark.parametrize("method", ["cd", "pcd"])
-def test_training_update_is_the_contrastive_gradient_with_momentum_and_decay(method):
+def test_training_update_is_the_contrastive_gradient_with_momentum_and_decay(method, momentum):
     """_cd_update (fused, in place) against contrastive_gradient, with known negatives.
 
     Visible biases of +-40 make p(v|h) deterministic, so v_neg is known and the
@@ -163,7 +164,7 @@ def test_training_update_is_the_contrastive_gradient_with_momentum_and_decay(met
     with torch.no_grad():
         rbm.b_v.copy_(40.0 * torch.tensor([1.0, -1, -1, 1, 1, -1], dtype=torch.float64))
     v_neg = (rbm.b_v > 0).double().expand(5, -1)
-    config = RBMConfig(method=method, cd_steps=2, momentum=0.5, weight_decay=0.01)
+    config = RBMConfig(method=method, cd_steps=2, momentum=momentum, weight_decay=0.01)
     velocity = {name: torch.zeros_like(p) for name, p in rbm.named_parameters()}
     expected_vel = {name: torch.zeros_like(p) for name, p in rbm.named_parameters()}
     chains = torch.zeros(5, 4, dtype=torch.float64)
