@@ -8,7 +8,7 @@ its defaults. elbolab's step is what ``elbolab train`` runs:
 backward and its optimiser, with Pyro's validation off; and the same step
 compiled (``elbolab train --compile``: :class:`inference.compiled.CompiledStep`,
 its compilation done before the timing and reported apart), and replayed
-(the captured step run as recorded, as runs of 500-3000 steps do: the eager
+(the captured step run as recorded, as runs of 500-3000 steps at K <= 10 do: the eager
 step's numbers bit for bit). DReG is timed
 against IWAE at the same K. Pyro's own ``Trace_ELBO`` step is timed too.
 Runs are interleaved; medians are reported.

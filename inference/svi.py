@@ -40,6 +40,7 @@ __all__ = [
 
 COMPILE_MIN_STEPS = 3000  # full minibatches in a run from which compiling is the default
 REPLAY_MIN_STEPS = 500  # ... from which an eager run replays its captured step
+REPLAY_MAX_PARTICLES = 10  # ... up to this K
 
 
 @torch.no_grad()
@@ -73,11 +74,15 @@ def worth_replaying(config: TrainConfig, num_data: int) -> bool:
     """Whether an eager run replays its captured step (:class:`~inference.compiled.CompiledStep`).
 
     The replay computes the eager step's numbers bit for bit, without Pyro's
-    per-step Python work (about 1.3 ms a step on the 784-200-200-50 VAE,
-    28% of the step at K = 1); the capture costs a fraction of a second
-    once, so runs of at least :data:`REPLAY_MIN_STEPS` full minibatches use it.
+    per-step Python work (``benchmarks/bench_train_step.py``, 784-200-200-50
+    VAE: 15-20% of the step at K = 1, 3-16% at K = 5); the capture costs a
+    fraction of a second once, so runs of at least :data:`REPLAY_MIN_STEPS`
+    full minibatches use it. At K = 50 the step is the arithmetic and the
+    replay measured 4% slower than eager, so from :data:`REPLAY_MAX_PARTICLES`
+    particles on the step stays eager.
     """
-    return config.epochs * (num_data // config.batch_size) >= REPLAY_MIN_STEPS
+    steps = config.epochs * (num_data // config.batch_size)
+    return steps >= REPLAY_MIN_STEPS and config.num_particles <= REPLAY_MAX_PARTICLES
 
 
 def make_optimizer(model: torch.nn.Module, *, lr: float) -> torch.optim.Optimizer:

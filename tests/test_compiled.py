@@ -162,6 +162,7 @@ def test_a_replayed_run_trains_bit_for_bit_like_an_eager_one(tmp_path, monkeypat
                    model="hvae")  # fmt: skip
     assert svi.worth_replaying(TrainConfig(epochs=46), 1437)  # 506 steps
     assert not svi.worth_replaying(TrainConfig(epochs=45), 1437)  # 495 steps
+    assert not svi.worth_replaying(TrainConfig(epochs=46, num_particles=50), 1437)  # K > 10
     train(TrainConfig(**options), tmp_path / "eager", progress=False)
     monkeypatch.setattr(svi, "REPLAY_MIN_STEPS", 1)
     train(TrainConfig(**options), tmp_path / "replay", progress=False)
