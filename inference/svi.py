@@ -75,11 +75,11 @@ def worth_replaying(config: TrainConfig, num_data: int) -> bool:
 
     The replay computes the eager step's numbers bit for bit, without Pyro's
     per-step Python work (``benchmarks/bench_train_step.py``, 784-200-200-50
-    VAE: 15-20% of the step at K = 1, 3-16% at K = 5); the capture costs a
+    VAE: 15-20% of the step at K = 1, 3-23% at K = 5); the capture costs a
     fraction of a second once, so runs of at least :data:`REPLAY_MIN_STEPS`
     full minibatches use it. At K = 50 the step is the arithmetic and the
-    replay measured 4% slower than eager, so from :data:`REPLAY_MAX_PARTICLES`
-    particles on the step stays eager.
+    replay measured 4-8% slower than eager, so above
+    :data:`REPLAY_MAX_PARTICLES` particles the step stays eager.
     """
     steps = config.epochs * (num_data // config.batch_size)
     return steps >= REPLAY_MIN_STEPS and config.num_particles <= REPLAY_MAX_PARTICLES
