@@ -11,6 +11,7 @@ reproduces an uninterrupted run with the same seed exactly.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -148,6 +149,13 @@ def train(
         raise ValueError(f"shards={shards} is fewer than the {world.size} processes")
     if config.compile and shards == 1:
         warm_up()  # while the run directory is prepared, the data loads and the model is built
+    elif config.compile and world.is_main:
+        warnings.warn(
+            "the step is eager when the batch is split into pieces (torchrun): "
+            "--compile applies to a single process",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if user_model.is_reference(config.model):
         config.model = user_model.resolve(config.model)
     config = distributed.on_main(world, lambda: prepare_run(

@@ -172,3 +172,10 @@ def test_a_replayed_run_trains_bit_for_bit_like_an_eager_one(tmp_path, monkeypat
     w_eager = torch.load(tmp_path / "eager" / "checkpoint.pt", weights_only=True)["model"]
     w_replay = torch.load(tmp_path / "replay" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(w_eager[k], w_replay[k]) for k in w_eager)
+
+
+def test_compile_asked_for_a_split_batch_says_the_step_stays_eager(tmp_path):
+    options = dict(epochs=1, hidden=[16], z_dim=2, num_particles=2, compile=True)
+    with pytest.warns(RuntimeWarning, match="eager when the batch is split"):
+        train(TrainConfig(**options), tmp_path / "pieces", shards=2, progress=False)
+    assert "compiled" not in _metrics(tmp_path / "pieces")[0]
