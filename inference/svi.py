@@ -68,7 +68,7 @@ def worth_compiling(config: TrainConfig, num_data: int) -> bool:
     Runs of at least :data:`COMPILE_MIN_STEPS` full minibatches compile; the
     shorter ones (tests, the digits demo) stay eager.
     """
-    return config.epochs * (num_data // config.batch_size) >= COMPILE_MIN_STEPS
+    return _full_steps(config, num_data) >= COMPILE_MIN_STEPS
 
 
 def worth_replaying(config: TrainConfig, num_data: int) -> bool:
@@ -82,8 +82,13 @@ def worth_replaying(config: TrainConfig, num_data: int) -> bool:
     replay measured 4-8% slower than eager, so above
     :data:`REPLAY_MAX_PARTICLES` particles the step stays eager.
     """
-    steps = config.epochs * (num_data // config.batch_size)
+    steps = _full_steps(config, num_data)
     return steps >= REPLAY_MIN_STEPS and config.num_particles <= REPLAY_MAX_PARTICLES
+
+
+def _full_steps(config: TrainConfig, num_data: int) -> int:
+    """The run's steps on full minibatches (an epoch's last, smaller one runs eagerly)."""
+    return config.epochs * (num_data // config.batch_size)
 
 
 def make_optimizer(model: torch.nn.Module, *, lr: float) -> torch.optim.Optimizer:
@@ -147,15 +152,6 @@ def train(
     shards = shards or world.size
     if shards < world.size:
         raise ValueError(f"shards={shards} is fewer than the {world.size} processes")
-    if config.compile and shards == 1:
-        warm_up()  # while the run directory is prepared, the data loads and the model is built
-    elif config.compile and world.is_main:
-        warnings.warn(
-            "the step is eager when the batch is split into pieces (torchrun): "
-            "--compile applies to a single process",
-            RuntimeWarning,
-            stacklevel=2,
-        )
     if user_model.is_reference(config.model):
         config.model = user_model.resolve(config.model)
     config = distributed.on_main(world, lambda: prepare_run(
@@ -166,6 +162,15 @@ def train(
             user_model.check_unchanged(config.model, config.model_sha256, run_dir=out)
         else:
             config.model_sha256 = user_model.digest(config.model)
+    if config.compile and shards == 1:
+        warm_up()  # given or resumed: while the data loads and the model is built
+    elif config.compile and world.is_main:
+        warnings.warn(
+            "the step is eager when the batch is split into pieces (torchrun): "
+            "--compile applies to a single process",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     check_device(config.device)
     device = torch.device(config.device)
     pyro.set_rng_seed(config.seed)  # before the model's initialisation
