@@ -1,13 +1,15 @@
 """AIS on binarized-MNIST test images: seconds per datapoint, peak memory, matrix-product rate.
 
 Runs ``elbolab evaluate RUN --k 1 --ais`` in a child process (its peak
-resident memory is its own) for each number of temperatures, and compares
-the floating-point rate of the network's products (decoder forward and
-backward for every chain and leapfrog step, encoder forward once per
-evaluation) with a plain matrix product of the same shapes in this process.
+resident memory is its own) for each number of temperatures and each mode
+(the model's evaluation compiled, or eager), and compares the floating-point
+rate of the network's products (decoder forward, and backward to z, for
+every chain and evaluation: one per leapfrog step, and one at the start)
+with a plain matrix product of the same shapes and with the machine's
+ceiling (a 1024^3 product), both measured in this process.
 
     python benchmarks/bench_ais.py [--run runs/mnist-iwae50] [--temperatures 1000]
-        [--limit 100] [--chains 16] [--leapfrog 10]
+        [--limit 100] [--chains 16] [--leapfrog 10] [--modes compiled,eager]
 
 Without a trained run an untrained 784-200-200-50 VAE is used (the cost does
 not depend on the weights).
@@ -23,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, matmul_rate, network_flops, save, untrained_run
+from common import ROOT, matmul_ceiling, matmul_rate, network_flops, save, untrained_run
 
 from inference.runs import TrainConfig, build
 
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100, help="test images")
     parser.add_argument("--chains", type=int, default=16)
     parser.add_argument("--leapfrog", type=int, default=10)
+    parser.add_argument("--modes", default="compiled", help="comma-separated: compiled, eager")
     args = parser.parse_args()
 
     run = args.run
@@ -47,47 +50,59 @@ def main() -> None:
     decoder = [z_dim, *hidden[::-1], 784]
     rows = []
     for temps in (int(t) for t in args.temperatures.split(",")):
-        cmd = [sys.executable, "-m", "inference.commands.cli", "evaluate", str(run), "--k", "1",
-               "--limit", str(args.limit), "--ais", "--ais-temperatures", str(temps),
-               "--ais-chains", str(args.chains), "--ais-leapfrog", str(args.leapfrog),
-               "--no-progress"]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if done.returncode:
-            sys.exit(done.stderr)
-        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-        ais = json.loads((run / "eval.json").read_text())["ais"]
-        # per datapoint: (leapfrog + 1) gradient evaluations and one weight update per
-        # temperature; decoder forward + backward (about twice the forward) per chain
-        evals = temps * (args.leapfrog + 2)
-        flops = (
-            args.limit
-            * evals
-            * (
-                2 * network_flops(784, hidden, z_dim, args.chains)
-                - network_flops(784, hidden, z_dim, 0)
-            )
-        )
-        ceiling = matmul_rate(args.chains * min(args.limit, 100), decoder)
-        rows.append({
-            "temperatures": temps,
-            "datapoints": args.limit,
-            "seconds": ais["seconds"],
-            "seconds_per_datapoint": ais["seconds"] / args.limit,
-            "peak_rss_mb": peak_rss / 2**20,
-            "achieved_gflops": flops / ais["seconds"] / 1e9,
-            "matmul_gflops": ceiling / 1e9,
-            "fraction_of_matmul": flops / ais["seconds"] / ceiling,
-            "acceptance": ais["acceptance"],
-            "log_px": ais["mean"],
-        })  # fmt: skip
-        r = rows[-1]
-        print(
-            f"AIS-{temps} ({args.chains} chains, {args.leapfrog} leapfrog) on {args.limit} test "
-            f"images: {r['seconds_per_datapoint']:.2f} s per image, peak RSS "
-            f"{r['peak_rss_mb']:.0f} MB, {r['achieved_gflops']:.1f} GFLOP/s = "
-            f"{100 * r['fraction_of_matmul']:.0f}% of plain matmul ({r['matmul_gflops']:.1f})"
-        )
+        for mode in args.modes.split(","):
+            rows.append(measure(run, args, temps, mode, hidden, z_dim, decoder))
     print(f"written {save('ais', {'run': str(run), 'chains': args.chains, 'rows': rows})}")
+
+
+def measure(run: Path, args, temps: int, mode: str, hidden, z_dim, decoder) -> dict:
+    if mode not in ("compiled", "eager"):
+        sys.exit(f"--modes: {mode!r} is not compiled or eager")
+    flag = "--ais-compile" if mode == "compiled" else "--no-ais-compile"
+    cmd = [sys.executable, "-m", "inference.commands.cli", "evaluate", str(run), "--k", "1",
+           "--limit", str(args.limit), "--ais", "--ais-temperatures", str(temps),
+           "--ais-chains", str(args.chains), "--ais-leapfrog", str(args.leapfrog), flag,
+           "--no-progress"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        sys.exit(done.stderr)
+    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    ais = json.loads((run / "eval.json").read_text())["ais"]
+    # per datapoint: one evaluation at the start and one per leapfrog step of each of the
+    # temperatures - 1 transitions, each the decoder forward and backward to z (as many
+    # products) for every chain; the guide's network runs once per batch (not counted)
+    evals = 1 + (temps - 1) * args.leapfrog
+    decoder_flops = network_flops(784, hidden, z_dim, 1) - network_flops(784, hidden, z_dim, 0)
+    flops = args.limit * evals * 2 * args.chains * decoder_flops
+    same_shapes = matmul_rate(args.chains * min(args.limit, 100), decoder)
+    ceiling = matmul_ceiling()
+    rate = flops / ais["seconds"]
+    row = {
+        "mode": mode,
+        "compiled": ais.get("compiled", False),
+        "temperatures": temps,
+        "datapoints": args.limit,
+        "seconds": ais["seconds"],
+        "seconds_per_datapoint": ais["seconds"] / args.limit,
+        "peak_rss_mb": peak_rss / 2**20,
+        "achieved_gflops": rate / 1e9,
+        "matmul_gflops": same_shapes / 1e9,
+        "fraction_of_matmul": rate / same_shapes,
+        "ceiling_gflops": ceiling / 1e9,
+        "fraction_of_ceiling": rate / ceiling,
+        "acceptance": ais["acceptance"],
+        "log_px": ais["mean"],
+    }
+    print(
+        f"AIS-{temps} {mode} ({args.chains} chains, {args.leapfrog} leapfrog) on {args.limit} "
+        f"test images: {row['seconds_per_datapoint']:.3f} s per image, peak RSS "
+        f"{row['peak_rss_mb']:.0f} MB, {row['achieved_gflops']:.1f} GFLOP/s = "
+        f"{100 * row['fraction_of_matmul']:.0f}% of a plain matmul of the same shapes "
+        f"({row['matmul_gflops']:.0f}), {100 * row['fraction_of_ceiling']:.0f}% of the 1024^3 "
+        f"ceiling ({row['ceiling_gflops']:.0f}); log p(x) {row['log_px']:.3f}",
+        flush=True,
+    )
+    return row
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ decoder-based generative models, ICLR.
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,6 +63,7 @@ from .tracing import (
 
 SCHEDULES = ("sigmoid", "linear")
 INITIALS = ("guide", "prior")
+COMPILE_MIN_EVALUATIONS = 5000  # temperatures x leapfrog steps (see worth_compiling)
 
 
 def temperature_schedule(
@@ -88,20 +91,58 @@ class AISEstimate(Bound):
 
     ``value``/``stderr`` as :class:`~inference.bounds.Bound` (shape (N,));
     ``log_weights`` (chains, N); ``acceptance`` the mean HMC acceptance rate
-    per datapoint; ``step_size`` the final leapfrog step size per datapoint.
+    per datapoint; ``step_size`` the final leapfrog step size per datapoint;
+    ``compiled`` whether the model's evaluation ran compiled.
     """
 
     log_weights: torch.Tensor | None = None
     acceptance: torch.Tensor | None = None
     step_size: torch.Tensor | None = None
+    compiled: bool = False
+
+
+@dataclass
+class _State:
+    """The chains at one point z: log p(x, z) and log f_0(z) (chains, N), and their gradients.
+
+    Any f_beta on the path follows without evaluating the model again:
+    log f_beta = log f_0 + beta (log p - log f_0), and so does its gradient.
+    ``log_p`` and ``log_0`` are None where only the gradients were computed.
+    """
+
+    values: dict[str, torch.Tensor]
+    log_p: torch.Tensor | None
+    log_0: torch.Tensor | None
+    grad_p: dict[str, torch.Tensor]
+    grad_0: dict[str, torch.Tensor]
+
+    @property
+    def log_ratio(self) -> torch.Tensor:
+        """log p(x, z) - log f_0(z): the log weight update per unit of beta."""
+        return self.log_p - self.log_0
+
+    def log_f(self, beta: float) -> torch.Tensor:
+        return self.log_0 + beta * (self.log_p - self.log_0)
+
+    def grad(self, beta: float) -> dict[str, torch.Tensor]:
+        return {n: g + beta * (self.grad_p[n] - g) for n, g in self.grad_0.items()}
 
 
 class _Path:
-    """The annealing path of one model/guide pair on fixed data, vectorised over chains."""
+    """The annealing path of one model/guide pair on fixed data, vectorised over chains.
+
+    Evaluations of the model go through :meth:`evaluate`, eagerly (Pyro
+    traces of the model and guide, autograd) or, after :meth:`compile`,
+    through the same computation recorded once and compiled.
+    """
 
     def __init__(self, model, guide, args, kwargs, layout: Layout, minibatch, initial: str):
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.layout, self.minibatch, self.initial = layout, minibatch, initial
+        self.compiled: dict[str, Callable] | None = None
+        self.shapes: list[torch.Size] | None = None
+        self.fallback: str | None = None
+        self.compile_seconds = 0.0
 
     def start(self) -> dict[str, torch.Tensor]:
         """Draws from the initial distribution (guide or prior), with their sites checked."""
@@ -134,19 +175,77 @@ class _Path:
         guide_trace = trace_guide(self.guide, self.args, self.kwargs, self.layout, values=replay)
         return log_p, log_density(guide_trace, self.layout)
 
-    def log_f(self, values, beta: float, *, grad: bool):
-        """log f_beta (chains, N), log w = log p - log f_0, and d log f_beta / d z if ``grad``."""
-        if not grad:
-            with torch.no_grad():
-                log_p, log_0 = self.log_parts(values)
-            return log_0 + beta * (log_p - log_0), log_p - log_0, None
+    def evaluate(self, values: dict[str, torch.Tensor], *, value: bool = True) -> _State:
+        """The state at ``values``; without ``value`` the log densities may be left out."""
+        if self.compiled is not None and [v.shape for v in values.values()] == self.shapes:
+            tensors = [v.detach() for v in values.values()]
+            if value:
+                log_p, log_0, *grads = self.compiled["value"](*tensors)
+            else:
+                log_p, log_0, grads = None, None, self.compiled["grad"](*tensors)
+            n = len(tensors)
+            return _State(values, log_p, log_0, dict(zip(values, grads[:n], strict=True)),
+                          dict(zip(values, grads[n:], strict=True)))  # fmt: skip
+        return self._evaluate(values)
+
+    def _evaluate(self, values: dict[str, torch.Tensor]) -> _State:
         leaves = {k: v.detach().requires_grad_(True) for k, v in values.items()}
+        inputs = list(leaves.values())
         with torch.enable_grad():
             log_p, log_0 = self.log_parts(leaves)
-            log_f = log_0 + beta * (log_p - log_0)
-            finite = torch.where(torch.isfinite(log_f), log_f, torch.zeros_like(log_f))
-            grads = torch.autograd.grad(finite.sum(), list(leaves.values()))
-        return log_f.detach(), (log_p - log_0).detach(), dict(zip(leaves, grads, strict=True))
+            grad_p = torch.autograd.grad(log_p.sum(), inputs, retain_graph=True, allow_unused=True)
+            grad_0 = torch.autograd.grad(log_0.sum(), inputs, allow_unused=True)
+
+        def dense(grads):
+            return {
+                n: torch.zeros_like(v) if g is None else g
+                for (n, v), g in zip(leaves.items(), grads, strict=True)
+            }
+
+        return _State(values, log_p.detach(), log_0.detach(), dense(grad_p), dense(grad_0))
+
+    def _flat(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        state = self._evaluate(dict(zip(self.sites, tensors, strict=True)))
+        return (state.log_p, state.log_0, *state.grad_p.values(), *state.grad_0.values())
+
+    def compile(self, values: dict[str, torch.Tensor], *, backend: str = "inductor") -> None:
+        """Record :meth:`evaluate` at these shapes and compile it (checked against eager here).
+
+        The guide's networks on the fixed data are computed once; the
+        gradient-only evaluation (every leapfrog step but the last) skips the
+        log densities. A model that cannot be recorded, or that differs from
+        the eager evaluation beyond float rounding, stays eager (``fallback``
+        says why).
+        """
+        from .compiled import Captured, _mismatch
+
+        tic = time.perf_counter()
+        tensors = [v.detach() for v in values.values()]
+        try:
+            captured = Captured(self._flat, tensors)
+            every = list(range(2 + 2 * len(tensors)))
+            compiled = {
+                "value": captured.function(every, backend=backend),
+                "grad": captured.function(every[2:], backend=backend),
+            }
+            got = compiled["value"](*tensors)
+            grads = compiled["grad"](*tensors)
+        except Exception as err:  # any failure of capture or compilation: stay eager
+            first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+            self.fallback = f"{type(err).__name__}: {first[:200]}"
+        else:
+            want = self._flat(*tensors)
+            self.fallback = _mismatch(
+                want[0].sum() + want[1].sum(), got[0].sum() + got[1].sum(),
+                list(want[2:]) * 2, [*got[2:], *grads],
+            ) or (None if torch.equal(torch.isfinite(want[0]), torch.isfinite(got[0]))
+                  else "the compiled log density is not finite where the eager one is")  # fmt: skip
+            if self.fallback is None:
+                self.compiled, self.shapes = compiled, [t.shape for t in tensors]
+        self.compile_seconds = time.perf_counter() - tic
+        if self.fallback is not None:
+            warnings.warn(f"AIS runs eagerly: its evaluation could not be compiled "
+                          f"({self.fallback})", RuntimeWarning, stacklevel=3)  # fmt: skip
 
     def per_point(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a (site-shaped) tensor over its event dims and other plates: (chains, N)."""
@@ -161,6 +260,20 @@ class _Path:
         factor = factor.expand(self.layout.shape)
         return self.layout.expand_factor(factor, site["value"], site["fn"].event_dim)
 
+    def select(self, keep: torch.Tensor, new: _State, old: _State) -> _State:
+        """Per chain and datapoint, ``new`` where ``keep`` (chains, N) holds, else ``old``."""
+
+        def pick(a: dict, b: dict) -> dict:
+            return {n: torch.where(self.broadcast(n, keep), a[n], b[n]) for n in a}
+
+        return _State(
+            pick(new.values, old.values),
+            torch.where(keep, new.log_p, old.log_p),
+            torch.where(keep, new.log_0, old.log_0),
+            pick(new.grad_p, old.grad_p),
+            pick(new.grad_0, old.grad_0),
+        )
+
 
 class _AllSites:
     """Stands for "every site" in ``trace_model(free=...)``: the prior draws them all."""
@@ -172,54 +285,72 @@ class _AllSites:
 _all_sites = _AllSites()
 
 
-def hmc_step(path: _Path, values, beta: float, step_size: torch.Tensor, leapfrog_steps: int):
+def hmc_step(path: _Path, state: _State, beta: float, step_size: torch.Tensor,
+             leapfrog_steps: int) -> tuple[_State, torch.Tensor]:  # fmt: skip
     """One HMC transition leaving f_beta invariant, independently per chain and datapoint.
 
-    ``step_size`` has shape (N,) (or broadcasts to (chains, N)). Returns the
-    new values and the acceptance probabilities (chains, N).
+    ``state`` is ``path.evaluate(values)``; ``step_size`` has shape (N,) (or
+    broadcasts to (chains, N)). Returns the state after the transition and
+    the acceptance probabilities (chains, N). The model is evaluated once
+    per leapfrog step, the last time with its log density (for the
+    acceptance test), the others for the gradient alone.
     """
-    log_f0, _, grad = path.log_f(values, beta, grad=True)
-    eps = {name: path.broadcast(name, step_size) for name in values}
-    momentum = {name: torch.randn_like(v) for name, v in values.items()}
+    eps = {name: path.broadcast(name, step_size) for name in state.values}
+    momentum = {name: torch.randn_like(v) for name, v in state.values.items()}
     kinetic0 = sum(path.per_point(n, 0.5 * p.pow(2)) for n, p in momentum.items())
-    z = dict(values)
+    grad = state.grad(beta)
+    z = dict(state.values)
     p = {n: momentum[n] + 0.5 * eps[n] * grad[n] for n in z}
     for step in range(leapfrog_steps):
+        last = step + 1 == leapfrog_steps
         z = {n: z[n] + eps[n] * p[n] for n in z}
-        log_f1, _, grad = path.log_f(z, beta, grad=True)
-        scale = 1.0 if step + 1 < leapfrog_steps else 0.5
-        p = {n: p[n] + scale * eps[n] * grad[n] for n in z}
+        end = path.evaluate(z, value=last)
+        grad = end.grad(beta)
+        p = {n: p[n] + (0.5 if last else 1.0) * eps[n] * grad[n] for n in z}
     kinetic1 = sum(path.per_point(n, 0.5 * q.pow(2)) for n, q in p.items())
-    log_accept = (log_f1 - kinetic1) - (log_f0 - kinetic0)
+    log_accept = (end.log_f(beta) - kinetic1) - (state.log_f(beta) - kinetic0)
     log_accept = torch.where(torch.isnan(log_accept), torch.full_like(log_accept, -math.inf),
                              log_accept)  # fmt: skip
     accept_prob = log_accept.clamp(max=0.0).exp()
     accept = torch.rand_like(accept_prob) < accept_prob
-    new = {n: torch.where(path.broadcast(n, accept), z[n].detach(), values[n]) for n in values}
-    return new, accept_prob
+    return path.select(accept, end, state), accept_prob
+
+
+def worth_compiling(num_temperatures: int, leapfrog_steps: int) -> bool:
+    """Whether an AIS run compiles its evaluation by default: a run of many evaluations.
+
+    Compiling costs seconds (more on a machine's first run); a run of at
+    least :data:`COMPILE_MIN_EVALUATIONS` evaluations of the model per chain
+    (1000 temperatures of 10 leapfrog steps: 10,000) saves more than that on
+    networks like the MNIST VAE's. The rule depends on the settings alone,
+    so the same settings give the same numbers on every machine.
+    """
+    return num_temperatures * leapfrog_steps >= COMPILE_MIN_EVALUATIONS
 
 
 def _anneal(path: _Path, values, betas, *, step_size, leapfrog_steps, target_accept, progress,
-            desc):  # fmt: skip
+            desc, compile: bool):  # fmt: skip
     """Run the chains along ``betas`` (either direction); the log weights and acceptance."""
     n = path.layout.plate_size or 1
     step = torch.full((n,), float(step_size), dtype=torch.get_default_dtype())
     log_w = torch.zeros(path.layout.shape, dtype=torch.float64)
     accepted = torch.zeros(n, dtype=torch.float64)
     betas = betas.tolist()
+    if compile and len(betas) > 2:
+        path.compile(values)
+    state = path.evaluate(values)
     transitions = 0
     for t in tqdm(range(1, len(betas)), desc=desc, disable=not progress, leave=False):
-        _, log_ratio, _ = path.log_f(values, betas[t], grad=False)
-        log_w += (betas[t] - betas[t - 1]) * log_ratio.double()
+        log_w += (betas[t] - betas[t - 1]) * state.log_ratio.double()
         if t + 1 == len(betas):
             break  # a last transition would not change any weight
-        values, prob = hmc_step(path, values, betas[t], step, leapfrog_steps)
+        state, prob = hmc_step(path, state, betas[t], step, leapfrog_steps)
         rate = prob.reshape(prob.shape[0], -1).mean(0)
         step = step * torch.where(rate > target_accept, 1.02, 0.98).to(step.dtype)
         accepted += rate.double()
         transitions += 1
     acceptance = accepted / max(transitions, 1)
-    return log_w, values, acceptance, step
+    return log_w, state.values, acceptance, step
 
 
 def annealing_pair(model) -> tuple[Callable, Callable]:
@@ -250,6 +381,7 @@ def annealed_log_marginal(
     step_size: float = 0.1,
     target_accept: float = 0.65,
     progress: bool = False,
+    compile: bool | None = None,
     **kwargs,
 ) -> AISEstimate:
     r"""AIS estimate of log p(x) per datapoint, a stochastic lower bound, with its error.
@@ -274,6 +406,11 @@ def annealed_log_marginal(
     step_size, target_accept : float
         Initial leapfrog step size, adapted per datapoint toward the target
         acceptance rate.
+    compile : bool or None
+        Record the model's evaluation once and compile it (inductor), or
+        not; by default a run of many evaluations compiles
+        (:func:`worth_compiling`). The same estimate to float rounding; a
+        model that cannot be compiled runs eagerly, with a warning.
 
     Returns
     -------
@@ -288,12 +425,16 @@ def annealed_log_marginal(
     betas = temperature_schedule(num_temperatures, schedule)
     path = _make_path(model, guide, args, kwargs, num_chains, plate, initial)
     values = path.start()
+    if compile is None:
+        compile = worth_compiling(num_temperatures, leapfrog_steps)
     log_w, _, acceptance, step = _anneal(
         path, values, betas, step_size=step_size, leapfrog_steps=leapfrog_steps,
         target_accept=target_accept, progress=progress, desc=f"AIS-{num_temperatures}",
+        compile=compile,
     )  # fmt: skip
     bound = iwae_bound(log_w)
-    return AISEstimate(bound.value, bound.stderr, log_w, acceptance, step)
+    return AISEstimate(bound.value, bound.stderr, log_w, acceptance, step,
+                       compiled=path.compiled is not None)  # fmt: skip
 
 
 def _make_path(model, guide, args, kwargs, num_chains, plate, initial) -> _Path:
@@ -355,6 +496,7 @@ def bdmc(
     target_accept: float = 0.65,
     progress: bool = False,
     plate: str = "data",
+    compile: bool | None = None,
     **kwargs,
 ) -> dict:
     r"""Bidirectional Monte Carlo on ``num_points`` datapoints simulated from the model.
@@ -378,6 +520,7 @@ def bdmc(
         num_chains=num_chains, num_temperatures=num_temperatures, leapfrog_steps=leapfrog_steps,
         schedule=schedule, plate=plate, initial=initial, step_size=step_size,
         target_accept=target_accept, progress=progress,
+        compile=worth_compiling(num_temperatures, leapfrog_steps) if compile is None else compile,
     )  # fmt: skip
     lower = annealed_log_marginal(model, guide, x_sim, **settings, **kwargs)
     path = _make_path(model, guide, (x_sim,), kwargs, num_chains, plate, initial)
@@ -390,6 +533,7 @@ def bdmc(
     log_w, _, acceptance, _ = _anneal(
         path, start, betas, step_size=step_size, leapfrog_steps=leapfrog_steps,
         target_accept=target_accept, progress=progress, desc=f"reverse AIS-{num_temperatures}",
+        compile=settings["compile"],
     )  # fmt: skip
     # mean of the reverse weights estimates 1 / p(x): minus its log is an upper bound
     lse = logsumexp(log_w, 0)
@@ -450,4 +594,5 @@ def ais_over_data(
         torch.cat([p.log_weights for p in parts], 1),
         torch.cat([p.acceptance for p in parts]),
         torch.cat([p.step_size for p in parts]),
+        compiled=all(p.compiled for p in parts),
     )

@@ -267,3 +267,106 @@ def _mismatch(loss, c_loss, grads, c_grads, *, exact: bool = False) -> str | Non
         if not float((g - c).norm()) <= TOLERANCE * max(norm, 1e-12) + 1e-12:
             return f"the compiled gradient of parameter {i} differs from the eager one"
     return None
+
+
+class Captured:
+    """``fn(*inputs)``, a tuple of tensors, recorded once for these input shapes.
+
+    Every tensor ``fn`` reads besides its inputs (network weights, the data it
+    closes over) is a constant of the recording, and what depends on
+    constants alone (an encoder run on the fixed data, the weights'
+    transposes) is computed once, here, instead of at every call: for an
+    annealing run that evaluates one model thousands of times on the same
+    data, that is the guide's whole network. :meth:`function` compiles the
+    rest, or a part of it that computes only some of the outputs (dead code
+    dropped: a gradient without the log density it comes from, for example).
+
+    Raises whatever the recording raises (a function whose Python control
+    flow depends on its inputs' values), and ``ValueError`` for a function
+    that draws random numbers (a recording would draw them differently).
+    """
+
+    def __init__(self, fn: Callable, inputs: list[torch.Tensor]) -> None:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        self.inputs = [t.detach() for t in inputs]
+        with pyro.validation_enabled(False), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            graph = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*self.inputs)
+        if any(_random(node) for node in graph.graph.nodes):
+            raise ValueError("the function draws random numbers: it is not captured")
+        pre, self.graph = _split_invariant(graph)
+        with torch.no_grad():
+            self.invariants = [t.detach() for t in pre()]
+
+    def function(self, outputs: list[int], *, backend: str = "inductor") -> Callable:
+        """A function of the inputs returning the outputs numbered ``outputs``, in that order."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        graph = _restrict(self.graph, outputs)
+        if backend == "inductor":
+            if _warm_up is not None:
+                _warm_up.join()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                graph = _inductor(graph, [*self.inputs, *self.invariants])
+        invariants = self.invariants
+
+        def run(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(graph(*inputs, *invariants))
+
+        return run
+
+
+def _random(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(
+        node.target, "tags", ()
+    )
+
+
+def _split_invariant(
+    graph: torch.fx.GraphModule,
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """``(pre, main)``: ``pre()`` computes the input-independent values that ``main`` needs.
+
+    ``main(*inputs, *pre())`` returns the graph's outputs as a flat list.
+    """
+    from torch import fx
+
+    varying = set()
+    for node in graph.graph.nodes:
+        if node.op == "placeholder" or any(a in varying for a in node.all_input_nodes):
+            varying.add(node)
+    nodes = list(graph.graph.nodes)
+    output = nodes[-1]
+    needed = {u for n in varying for u in n.all_input_nodes} | set(output.all_input_nodes)
+    boundary = [n for n in nodes if n not in varying and n.op != "output" and n in needed]
+    pre, env = fx.Graph(), {}
+    for node in nodes:
+        if node not in varying and node.op != "output":
+            env[node] = pre.node_copy(node, env.__getitem__)
+    pre.output(tuple(env[n] for n in boundary))
+    pre.eliminate_dead_code()
+    main, env = fx.Graph(), {}
+    for node in nodes:
+        if node.op == "placeholder":
+            env[node] = main.placeholder(node.name)
+    for i, node in enumerate(boundary):
+        env[node] = main.placeholder(f"invariant_{i}")
+    for node in nodes:
+        if node in varying and node.op not in ("placeholder", "output"):
+            env[node] = main.node_copy(node, env.__getitem__)
+    main.output(fx.node.map_arg(list(output.args[0]), env.__getitem__))
+    return fx.GraphModule(graph, pre), fx.GraphModule(torch.nn.Module(), main)
+
+
+def _restrict(graph: torch.fx.GraphModule, outputs: list[int]) -> torch.fx.GraphModule:
+    """A copy of ``graph`` returning only the outputs numbered ``outputs``, dead code dropped."""
+    import copy
+
+    restricted = copy.deepcopy(graph.graph)
+    output = next(n for n in reversed(restricted.nodes) if n.op == "output")
+    every = output.args[0]
+    output.args = ([every[i] for i in outputs],)
+    restricted.eliminate_dead_code()
+    return torch.fx.GraphModule(graph, restricted)

@@ -10,7 +10,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from inference.compiled import CompiledStep
+from inference.compiled import BACKENDS, Captured, CompiledStep
 from inference.objectives import make_objective
 from inference.runs import TrainConfig
 from inference.svi import train
@@ -179,3 +179,29 @@ def test_compile_asked_for_a_split_batch_says_the_step_stays_eager(tmp_path):
     with pytest.warns(RuntimeWarning, match="eager when the batch is split"):
         train(TrainConfig(**options), tmp_path / "pieces", shards=2, progress=False)
     assert "compiled" not in _metrics(tmp_path / "pieces")[0]
+
+
+def test_captured_function_computes_what_its_inputs_do_not_reach_once():
+    gen = torch.Generator().manual_seed(0)
+    x, w_enc, w_dec = (torch.randn(*s, generator=gen) for s in ((4, 6), (6, 5), (5, 3)))
+
+    def fn(z):
+        a = torch.tanh(x @ w_enc)  # fixed data through fixed weights: invariant
+        out = ((z @ w_dec.T) * a).sum(-1)
+        return out, out.exp()
+
+    z = torch.randn(4, 3, generator=gen)
+    captured = Captured(fn, [z])
+    products = [
+        n for n in captured.graph.graph.nodes
+        if n.op == "call_function" and n.target in (torch.ops.aten.mm.default,
+                                                    torch.ops.aten.addmm.default)
+    ]  # fmt: skip
+    assert len(products) == 1  # z @ w_dec.T; x @ w_enc was computed once, at capture
+    for backend in BACKENDS:
+        both = captured.function([0, 1], backend=backend)(z)
+        second = captured.function([1], backend=backend)(z)
+        for got, want in zip((*both, *second), (*fn(z), fn(z)[1]), strict=True):
+            torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="random"):
+        Captured(lambda z: z + torch.randn_like(z), [z])

@@ -19,7 +19,7 @@ import pyro
 from ..ais import SCHEDULES, annealing_pair, bdmc, bdmc_summary
 from ..plots import plot_bdmc
 from ..runs import RunError, load_run, write_json
-from .flags import add_flags, int_list
+from .flags import AIS_COMPILE_HELP, add_flags, int_list
 from .report import table
 
 BDMC = "bdmc.json"
@@ -36,6 +36,7 @@ def bdmc_run(
     split: str = "test",
     seed: int = 0,
     progress: bool = True,
+    compile: bool | None = None,
 ) -> dict:
     """BDMC on ``points`` datapoints simulated from a trained run, for each schedule length."""
     run_dir = Path(run_dir)
@@ -54,7 +55,7 @@ def bdmc_run(
             result = bdmc(
                 *annealing_pair(model), template, num_points=points, num_chains=num_chains,
                 num_temperatures=temps, leapfrog_steps=leapfrog_steps, schedule=schedule,
-                progress=progress,
+                progress=progress, compile=compile,
             )  # fmt: skip
         except ValueError as err:
             raise RunError(f"bdmc: {err}") from None
@@ -114,6 +115,8 @@ def add_parser(sub) -> None:
     p.add_argument("--chains", type=int, default=16, help="AIS chains per datapoint (16)")
     p.add_argument("--leapfrog", type=int, default=10, help="leapfrog steps per HMC (10)")
     p.add_argument("--schedule", choices=SCHEDULES, default="sigmoid", help="default sigmoid")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help=AIS_COMPILE_HELP)  # fmt: skip
     add_flags(p, "split", "seed", "no_progress")
     p.set_defaults(func=run)
 
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     report = bdmc_run(
         args.run, points=args.points, temperatures=args.temperatures, num_chains=args.chains,
         leapfrog_steps=args.leapfrog, schedule=args.schedule, split=args.split, seed=args.seed,
-        progress=not args.no_progress,
+        progress=not args.no_progress, compile=args.compile,
     )  # fmt: skip
     print(format_bdmc(report))
     print(f"written {args.run}/bdmc.json, bdmc.png")

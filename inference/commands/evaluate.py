@@ -158,6 +158,7 @@ def ais_report(estimate, settings: dict, seconds: float) -> dict:
         **settings,
         "estimator": "AIS with HMC (stochastic lower bound)",
         "acceptance": float(estimate.acceptance.mean()),
+        "compiled": estimate.compiled,
         "seconds": seconds,
     }
 

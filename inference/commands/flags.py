@@ -95,6 +95,14 @@ def add_ais_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ais-leapfrog", type=int, default=10, help="leapfrog steps per HMC (10)")
     group.add_argument("--ais-schedule", choices=SCHEDULES, default="sigmoid",
                        help="spacing of the temperatures (sigmoid)")  # fmt: skip
+    group.add_argument("--ais-compile", action=argparse.BooleanOptionalAction, default=None,
+                       help=AIS_COMPILE_HELP)  # fmt: skip
+
+
+AIS_COMPILE_HELP = (
+    "record the model's evaluation once and compile it (inductor); default: compile when "
+    "temperatures x leapfrog steps >= 5000"
+)
 
 
 def ais_settings(args: argparse.Namespace) -> dict:
@@ -107,6 +115,7 @@ def ais_settings(args: argparse.Namespace) -> dict:
         "num_temperatures": args.ais_temperatures,
         "leapfrog_steps": args.ais_leapfrog,
         "schedule": args.ais_schedule,
+        "compile": args.ais_compile,
     }
 
 
