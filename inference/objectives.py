@@ -19,7 +19,10 @@ import math
 from collections.abc import Callable
 
 import torch
+from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 
 from .bounds import logsumexp
 from .tracing import (
@@ -161,30 +164,69 @@ class DReG(IWAE):
 
     name = "dreg"
 
+    def __init__(self, *, num_particles: int = 1, plate: str = "data") -> None:
+        super().__init__(num_particles=num_particles, plate=plate)
+        self._one_latent: bool | None = None
+
     def differentiable_loss(self, model, guide, *args, **kwargs):
         layout = self._layout(model, guide, args, kwargs)
-        first = trace_guide(guide, args, kwargs, layout)
-        values, subsamples = latent_values(first), subsample_values(first)
-        factors: dict[str, dict] = {name: {} for name in values}
-        scaled = {name: _ScaleGrad.apply(v, factors[name]) for name, v in values.items()}
-        sample = weighted_sample(
-            model, guide, args, kwargs, layout, values={**subsamples, **scaled}
-        )
+        if self._one_latent is None:  # a dry run that leaves the random state as it was
+            with poutine.block(), torch.random.fork_rng(devices=[]):
+                trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            self._one_latent = len(latent_values(trace)) == 1
+        if self._one_latent:
+            draw = _DrawScaled()
+            sample = weighted_sample(model, guide, args, kwargs, layout, draw=draw)
+            factors = draw.factors
+        else:
+            first = trace_guide(guide, args, kwargs, layout)
+            drawn, subsamples = latent_values(first), subsample_values(first)
+            factors = {name: {} for name in drawn}
+            scaled = {name: _ScaleGrad.apply(v, factors[name]) for name, v in drawn.items()}
+            sample = weighted_sample(
+                model, guide, args, kwargs, layout, values={**subsamples, **scaled}
+            )
         self._check_reparam(sample.guide_trace)
-        detached = {**subsamples, **{name: v.detach() for name, v in values.items()}}
+        values = latent_values(sample.guide_trace)
+        detached = {**subsample_values(sample.guide_trace),
+                    **{name: v.detach() for name, v in values.items()}}  # fmt: skip
         log_q_fixed = log_density(trace_guide(guide, args, kwargs, layout, values=detached), layout)
         log_w = sample.log_w
         wbar = torch.softmax(log_w.detach(), 0)
         # Read in backward, once the weights are known.
-        for name, value in values.items():
+        for name, holder in factors.items():
             event_dim = sample.guide_trace.nodes[name]["fn"].event_dim
-            factors[name]["factor"] = layout.expand_factor(wbar, value, event_dim)
+            holder["factor"] = layout.expand_factor(wbar, values[name], event_dim)
         # log_w holds -log q(z; phi), whose gradient is path + score; adding
         # log q(stop(z); phi), less its value, cancels the score and keeps the value.
         log_w_path = log_w + (log_q_fixed - log_q_fixed.detach())
         bound = self.bound(log_w)
         surrogate = (wbar * log_w_path).sum(0)
         return -sample.scale() * (bound.detach() + surrogate - surrogate.detach()).sum()
+
+
+class _DrawScaled(Messenger):
+    """Draw each latent as Pyro would and pass it through :class:`_ScaleGrad`.
+
+    For a guide with one latent site the guide then runs once, drawing and
+    scoring together (drawn first and replayed scaled, its networks ran
+    twice, forward and backward). With several, a later site's draw must
+    see the earlier latents unscaled and its density the scaled ones, so
+    :class:`DReG` replays. Entered outside the particle plate, so the draw
+    comes from the site's distribution broadcast over every plate, as
+    Pyro's own (the same random numbers).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.factors: dict[str, dict] = {}
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["done"] or msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg):
+            return
+        holder = self.factors[msg["name"]] = {}
+        msg["value"] = _ScaleGrad.apply(msg["fn"](*msg["args"], **msg["kwargs"]), holder)
+        msg["done"] = True
 
 
 class _PyroELBO:

@@ -20,6 +20,7 @@ by the scale afterwards, never inside a logsumexp.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -316,13 +317,16 @@ def weighted_sample(
     layout: Layout,
     *,
     values: dict[str, torch.Tensor] | None = None,
+    draw: Messenger | None = None,
 ) -> WeightedSample:
     """Draw K particles from the guide in one vectorised pass and score them under the model.
 
     With ``values`` (latents and subsample indices), the guide's sites are
-    replayed from them instead of sampled.
+    replayed from them instead of sampled. ``draw``, a messenger entered
+    around the guide's particle plate, may draw the latents itself.
     """
-    guide_trace = trace_guide(guide, args, kwargs, layout, values=values)
+    with draw or contextlib.nullcontext():
+        guide_trace = trace_guide(guide, args, kwargs, layout, values=values)
     check_guide_density(guide_trace)
     model_trace = trace_model(model, args, kwargs, layout, values=replay_values(guide_trace))
     return WeightedSample(

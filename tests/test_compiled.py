@@ -31,9 +31,10 @@ def _pyro_example_vae(x_dim):
     [
         (lambda: VAE(64, hidden=[32], z_dim=4), "iwae", {"num_data": 1000}),
         (lambda: HierarchicalVAE(64, layers=2, hidden=[32], z_dim=4), "dreg", {"num_data": 1000}),
+        (lambda: VAE(64, hidden=[32], z_dim=4), "dreg", {"num_data": 1000}),  # one guide run
         (lambda: _pyro_example_vae(64), "elbo", {}),  # pyro.module, Pyro's own way
     ],
-    ids=["vae-iwae", "hvae-dreg", "pyro-example-elbo"],
+    ids=["vae-iwae", "hvae-dreg", "vae-dreg", "pyro-example-elbo"],
 )
 @pytest.mark.parametrize("backend", ["inductor", "replay"])
 def test_compiled_step_equals_the_eager_step(build, objective, kwargs, backend):
