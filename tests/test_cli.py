@@ -61,6 +61,18 @@ def test_evaluate_reports_exact_log_px_for_linear_gaussian(tmp_path, capsys):
     assert report["elbo"]["mean"] < exact
     assert abs(iwae["mean"] - exact) < 4 * iwae["stderr"] + 0.01
     assert "exact log p(x) of this model" in capsys.readouterr().out
+    # a subset spread over the split: every 7th datapoint, then the first 20 of those
+    main(["evaluate", str(run), "--k", "1,5000", "--every", "7", "--limit", "20", "--no-progress"])
+    spread = json.loads((run / "eval.json").read_text())
+    assert spread["num_datapoints"] == 20 and spread["every"] == 7
+    assert spread["exact_log_px"] != exact  # other datapoints, and still within MC error
+    assert (
+        abs(spread["log_px"]["mean"] - spread["exact_log_px"])
+        < 4 * spread["log_px"]["stderr"] + 0.01
+    )
+    assert "20 datapoints (every 7th)" in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--every", "0", "--no-progress"]) == 1
+    assert "--every must be >= 1" in capsys.readouterr().err
 
 
 def test_resume_flag(tmp_path):

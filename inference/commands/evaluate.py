@@ -14,7 +14,7 @@ from .. import diagnostics, distributed
 from ..ais import ais_over_data, annealing_pair
 from ..evaluation import evaluate_bounds, perplexity, unigram_perplexity
 from ..runs import RunError, atomic_write, check_device, load_run, write_json
-from .flags import add_ais_flags, add_flags, ais_settings, int_list
+from .flags import add_ais_flags, add_flags, ais_settings, datapoints, int_list, spread
 from .report import bound_table, plus_minus
 
 EVAL = "eval.json"
@@ -29,6 +29,7 @@ def evaluate_run(
     seed: int = 0,
     batch_size: int = 100,
     limit: int | None = None,
+    every: int = 1,
     device: str = "cpu",
     progress: bool = True,
     ais: dict | None = None,
@@ -51,6 +52,9 @@ def evaluate_run(
         Datapoints per vectorised pass.
     limit : int, optional
         Evaluate only the first ``limit`` datapoints of the split.
+    every : int
+        Only every ``every``-th datapoint (before ``limit``): a subset spread
+        over a split stored in order.
     ais : dict, optional
         Also estimate log p(x) by AIS with these settings (keyword arguments
         of :func:`inference.ais.annealed_log_marginal`).
@@ -63,12 +67,10 @@ def evaluate_run(
     run_dir = Path(run_dir)
     if not ks or min(ks) < 1:
         raise RunError(f"--k needs positive particle counts, got {list(ks)}")
-    if limit is not None and limit < 1:
-        raise RunError(f"--limit must be >= 1, got {limit}")
     check_device(device)
     world = distributed.current(device)
     config, dataset, model = load_run(run_dir, device=device)
-    x = dataset.split(split)[:limit].to(device)
+    x = datapoints(dataset.split(split), limit=limit, every=every).to(device)
     tic = time.perf_counter()
     result = evaluate_bounds(
         model.model,
@@ -88,6 +90,7 @@ def evaluate_run(
         "run": str(run_dir),
         "split": split,
         "num_datapoints": int(x.shape[0]),
+        "every": every,
         "seed": seed,
         "batch_size": batch_size,
         "data": config.data,
@@ -171,7 +174,8 @@ def _savez(path: Path, arrays: dict) -> None:
 def format_report(report: dict) -> str:
     """The bound table of an ``eval.json`` report, as printed by ``elbolab evaluate``."""
     lines = [
-        f"{report['run']}: {report['split']} split, {report['num_datapoints']} datapoints, "
+        f"{report['run']}: {report['split']} split, "
+        f"{spread(report['num_datapoints'], report.get('every', 1))}, "
         f"{report['data']} ({report['binarization']}), seed {report['seed']}",
     ]
     lines += bound_table(bound_rows(report))
@@ -226,7 +230,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="ELBO, IWAE-k and log p(x) of a trained run")
     p.add_argument("run", help="run directory")
     p.add_argument("--k", type=int_list, default=[1, 10, 100, 1000], help="e.g. 1,10,100,1000")
-    add_flags(p, "split", "batch_size", "limit", "seed", "device", "no_progress")
+    add_flags(p, "split", "batch_size", "limit", "every", "seed", "device", "no_progress")
     p.add_argument("--ais", action="store_true", help="also estimate log p(x) by AIS")
     add_ais_flags(p)
     p.set_defaults(func=run, shared=True)
@@ -240,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         limit=args.limit,
+        every=args.every,
         device=args.device,
         progress=not args.no_progress,
         ais=ais_settings(args) if args.ais else None,

@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from .. import distributed
 from ..ais import SCHEDULES
 from ..runs import RunError, is_elbolab_run, read_config, read_metrics, run_files_in
@@ -47,6 +49,15 @@ _COMMON = {
     "seed": ("--seed", dict(type=int, default=0, help="random seed (default {default})")),
     "split": ("--split", dict(default="test", help="data split (default {default})")),
     "limit": ("--limit", dict(type=int, help="only the first N datapoints of the split")),
+    "every": (
+        "--every",
+        dict(
+            type=int,
+            default=1,
+            help="every K-th datapoint of the split, from the first (before --limit): a "
+            "subset spread over a split stored in order, e.g. MNIST's test set, by digit",
+        ),
+    ),
     "batch_size": (
         "--batch-size",
         dict(type=int, default=100, help="datapoints per pass (default {default})"),
@@ -84,6 +95,24 @@ def add_flags(parser: argparse.ArgumentParser, *names: str, **defaults) -> None:
         shown = defaults.get(f"{name}_shown", options.get("default"))
         options["help"] = options["help"].format(default=shown)
         parser.add_argument(flag, **options)
+
+
+def datapoints(data: torch.Tensor, *, limit: int | None, every: int = 1) -> torch.Tensor:
+    """Every ``every``-th datapoint of ``data`` from the first, then the first ``limit``."""
+    if limit is not None and limit < 1:
+        raise RunError(f"--limit must be >= 1, got {limit}")
+    if every < 1:
+        raise RunError(f"--every must be >= 1, got {every}")
+    return data[::every][:limit]
+
+
+def spread(num: int, every: int) -> str:
+    """A report's datapoints in words: ``"100 datapoints"``, ``"100 datapoints (every 10th)"``."""
+    if every == 1:
+        return f"{num} datapoints"
+    last = every % 10 if every % 100 not in (11, 12, 13) else 0
+    suffix = {1: "st", 2: "nd", 3: "rd"}.get(last, "th")
+    return f"{num} datapoints (every {every}{suffix})"
 
 
 def add_ais_flags(parser: argparse.ArgumentParser) -> None:

@@ -28,7 +28,7 @@ from ..hierarchical import hierarchical_bounds
 from ..plots import plot_gaps
 from ..runs import load_run, write_json
 from ..surgery import active_units, aggregate_posterior_terms, hierarchical_surgery, posterior_means
-from .flags import add_ais_flags, add_flags, ais_settings, int_list
+from .flags import add_ais_flags, add_flags, ais_settings, datapoints, int_list, spread
 from .report import bound_table, plus_minus
 
 GAPS = "gaps.json"
@@ -61,6 +61,7 @@ def gaps_run(
     *,
     split: str = "test",
     limit: int | None = None,
+    every: int = 1,
     num_particles: int = 1000,
     inner_samples: Sequence[int] = (1, 10, 100),
     marg_particles: int = 10,
@@ -83,7 +84,7 @@ def gaps_run(
     estimator = f"AIS-{ais['num_temperatures']}" if ais else f"IWAE-{num_particles}"
     run_dir = Path(run_dir)
     config, dataset, model = load_run(run_dir)
-    x_all = dataset.split(split)[:limit]
+    x_all = datapoints(dataset.split(split), limit=limit, every=every)
     aux = list(getattr(model, "h_names", []))
     # elbolab's models expose their encoder; a user's own model may not
     conventions = callable(getattr(model, "posterior", None)) and callable(
@@ -164,6 +165,7 @@ def gaps_run(
         "objective": config.objective,
         "split": split,
         "num_datapoints": int(x_all.shape[0]),
+        "every": every,
         "num_particles": num_particles,
         "log_px_estimator": estimator,
         **({"ais": ais} if ais else {}),
@@ -227,7 +229,7 @@ def format_gaps(report: dict) -> str:
     b = report["bounds"]
     lines = [
         f"{report['run']}: {report['model']} with {report['layers']} stochastic layer(s), "
-        f"{report['split']} split ({report['num_datapoints']} datapoints), "
+        f"{report['split']} split ({spread(report['num_datapoints'], report.get('every', 1))}), "
         f"log p(x) by {report.get('log_px_estimator', 'IWAE-' + str(report['num_particles']))}",
     ]
     lines += bound_table(b, title="term", widths=(28, 11, 9))
@@ -272,7 +274,7 @@ def format_gaps(report: dict) -> str:
 def add_parser(sub) -> None:
     p = sub.add_parser("gaps", help="log p(x), L_marg, L_aux, L_h and every gap, with errors")
     p.add_argument("run", help="run directory")
-    add_flags(p, "split", "limit")
+    add_flags(p, "split", "limit", "every")
     p.add_argument("--k", type=int, default=1000, help="particles for log p(x) (default 1000)")
     p.add_argument("--inner-samples", type=int_list, default=[1, 10, 100],
                    help="S for the L_marg estimate (default 1,10,100)")  # fmt: skip
@@ -290,7 +292,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     report = gaps_run(
-        args.run, split=args.split, limit=args.limit, num_particles=args.k,
+        args.run, split=args.split, limit=args.limit, every=args.every, num_particles=args.k,
         inner_samples=args.inner_samples, marg_particles=args.marg_particles,
         batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
         ais=ais_settings(args) if args.logpx == "ais" else None,
