@@ -281,19 +281,21 @@ class Captured:
     rest, or a part of it that computes only some of the outputs (dead code
     dropped: a gradient without the log density it comes from, for example).
 
-    Raises whatever the recording raises (a function whose Python control
-    flow depends on its inputs' values), and ``ValueError`` for a function
-    that draws random numbers (a recording would draw them differently).
+    Random draws stay where they are, one per call, from torch's generator
+    as in eager mode (the same numbers from the same state); without
+    ``random`` a function that draws is refused (``ValueError``). Raises
+    whatever the recording raises (a function whose Python control flow
+    depends on its inputs' values).
     """
 
-    def __init__(self, fn: Callable, inputs: list[torch.Tensor]) -> None:
+    def __init__(self, fn: Callable, inputs: list[torch.Tensor], *, random: bool = False) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         self.inputs = [t.detach() for t in inputs]
         with pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             graph = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*self.inputs)
-        if any(_random(node) for node in graph.graph.nodes):
+        if not random and any(_random(node) for node in graph.graph.nodes):
             raise ValueError("the function draws random numbers: it is not captured")
         pre, self.graph = _split_invariant(graph)
         with torch.no_grad():
@@ -324,6 +326,21 @@ def _random(node: torch.fx.Node) -> bool:
     )
 
 
+def _written(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes whose tensors ``node``'s operation writes into (in-place, ``out=``)."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    if schema is None or not schema.is_mutable:
+        return []
+    written = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        if isinstance(value, torch.fx.Node):
+            written.append(value)
+    return written
+
+
 def _split_invariant(
     graph: torch.fx.GraphModule,
 ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
@@ -333,9 +350,17 @@ def _split_invariant(
     """
     from torch import fx
 
+    # what depends on an input or on a random draw (one per call), and any tensor that an
+    # operation writes into (a buffer filled in place must be a new one at every call)
+    written = {arg for node in graph.graph.nodes for arg in _written(node)}
     varying = set()
     for node in graph.graph.nodes:
-        if node.op == "placeholder" or any(a in varying for a in node.all_input_nodes):
+        if (
+            node.op == "placeholder"
+            or _random(node)
+            or node in written
+            or any(a in varying for a in node.all_input_nodes)
+        ):
             varying.add(node)
     nodes = list(graph.graph.nodes)
     output = nodes[-1]

@@ -206,3 +206,50 @@ def test_captured_function_computes_what_its_inputs_do_not_reach_once():
             torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="random"):
         Captured(lambda z: z + torch.randn_like(z), [z])
+
+    def noisy(z):  # a draw into a fresh buffer, filled in place: never computed once
+        eps = torch.empty(z.shape).normal_()
+        return (z + eps * torch.tanh(x @ w_enc).sum(),)
+
+    drawing = Captured(noisy, [z], random=True)
+    for backend in BACKENDS:
+        f = drawing.function([0], backend=backend)
+        torch.manual_seed(5)
+        first, second = f(z)[0], f(z)[0]
+        torch.manual_seed(5)
+        torch.testing.assert_close(first, noisy(z)[0])  # the same draws as eager mode
+        torch.testing.assert_close(second, noisy(z)[0])
+        assert not torch.equal(first, second)
+
+
+def test_compiled_evaluation_equals_the_eager_one():
+    """IWAE-k over a data set with the chunk compiled: the same draws, the same bounds to float
+    rounding; the last, smaller batch and the last, partial chunk run eagerly."""
+    from inference.evaluation import evaluate_bounds
+
+    pyro.set_rng_seed(0)
+    model = VAE(64, hidden=[32], z_dim=4)
+    x = (torch.rand(50, 64) < 0.3).float()
+    settings = dict(ks=[1, 45], batch_size=20, max_rows=200, seed=3, progress=False)  # chunk 10
+    eager = evaluate_bounds(model.model, model.guide, x, **settings, compile=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="evaluating eagerly")  # a fallback warns
+        compiled = evaluate_bounds(model.model, model.guide, x, **settings, compile=True)
+    assert compiled["compiled"] and not eager["compiled"]
+    for k in (1, 45):
+        torch.testing.assert_close(compiled["iwae"][k].value, eager["iwae"][k].value,
+                                   rtol=0, atol=1e-4)  # fmt: skip
+    assert not torch.equal(compiled["iwae"][45].value[:20], compiled["iwae"][45].value[20:40])
+
+
+def test_an_evaluation_that_cannot_be_compiled_runs_eagerly_and_says_so():
+    from inference.evaluation import evaluate_bounds
+
+    model = _DataDependent()
+    x = torch.randn(8, 3)
+    settings = dict(ks=[1, 4], batch_size=8, max_rows=16, seed=0, progress=False)
+    with pytest.warns(RuntimeWarning, match="evaluating eagerly"):
+        tried = evaluate_bounds(model.model, model.guide, x, **settings, compile=True)
+    eager = evaluate_bounds(model.model, model.guide, x, **settings, compile=False)
+    assert not tried["compiled"]
+    assert torch.equal(tried["iwae"][4].value, eager["iwae"][4].value)

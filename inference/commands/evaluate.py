@@ -33,6 +33,7 @@ def evaluate_run(
     device: str = "cpu",
     progress: bool = True,
     ais: dict | None = None,
+    compile: bool | None = None,
 ) -> dict:
     """Evaluate ELBO, IWAE-k and the ELBO decomposition of a trained run; write ``eval.json``.
 
@@ -58,6 +59,9 @@ def evaluate_run(
     ais : dict, optional
         Also estimate log p(x) by AIS with these settings (keyword arguments
         of :func:`inference.ais.annealed_log_marginal`).
+    compile : bool, optional
+        Compile the IWAE passes (default: long evaluations do; see
+        :func:`inference.evaluation.evaluate_bounds`).
 
     Returns
     -------
@@ -82,6 +86,7 @@ def evaluate_run(
         seed=seed,
         world=world,
         progress=progress,
+        compile=compile,
     )
     seconds = time.perf_counter() - tic
     k_max = max(ks)
@@ -91,6 +96,7 @@ def evaluate_run(
         "split": split,
         "num_datapoints": int(x.shape[0]),
         "every": every,
+        "compiled": result["compiled"],
         "seed": seed,
         "batch_size": batch_size,
         "data": config.data,
@@ -231,6 +237,9 @@ def add_parser(sub) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--k", type=int_list, default=[1, 10, 100, 1000], help="e.g. 1,10,100,1000")
     add_flags(p, "split", "batch_size", "limit", "every", "seed", "device", "no_progress")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="record a chunk of particles once and compile it (inductor); default: "
+                   "compile when batches x chunks >= 2000")  # fmt: skip
     p.add_argument("--ais", action="store_true", help="also estimate log p(x) by AIS")
     add_ais_flags(p)
     p.set_defaults(func=run, shared=True)
@@ -248,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         ais=ais_settings(args) if args.ais else None,
+        compile=args.compile,
     )
     if distributed.current().is_main:
         print(format_report(report))
