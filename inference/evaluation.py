@@ -154,14 +154,18 @@ class _ChunkedWeights:
         self.fallback: str | None = None
 
     def __call__(self, x: torch.Tensor, num_particles: int) -> torch.Tensor:
-        if self.compiled is None or x.shape != self.shape:
-            first = self._capture(x) if self.pending and num_particles >= self.chunk else None
-            rest = num_particles - (0 if first is None else first.shape[0])
-            eager = log_importance_weights(self.model, self.guide, x, num_particles=rest,
-                                           chunk_size=self.chunk) if rest else None  # fmt: skip
-            return torch.cat([t for t in (first, eager) if t is not None], 0)
         chunks = []
-        for start in range(0, num_particles, self.chunk):
+        if self.pending and num_particles >= self.chunk:
+            first = self._capture(x)  # the first chunk, drawn eagerly: the check
+            chunks += [] if first is None else [first]
+        done = sum(c.shape[0] for c in chunks)
+        if self.compiled is None or x.shape != self.shape:
+            if num_particles > done:
+                chunks.append(log_importance_weights(
+                    self.model, self.guide, x, num_particles=num_particles - done,
+                    chunk_size=self.chunk))  # fmt: skip
+            return torch.cat(chunks, 0)
+        for start in range(done, num_particles, self.chunk):
             size = min(self.chunk, num_particles - start)
             if size == self.chunk:
                 chunks.append(self.compiled(x)[0])
@@ -177,7 +181,7 @@ class _ChunkedWeights:
             return (weighted_sample(self.model, self.guide, (x,), {}, layout).log_w,)
 
     def _capture(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Record and compile the chunk on ``x``; its first chunk (the eager one), or None."""
+        """Record and compile the chunk on ``x``; returns a first chunk, drawn eagerly."""
         from .compiled import Captured
 
         self.pending = False
@@ -189,33 +193,34 @@ class _ChunkedWeights:
             and (site["fn"].subsample_size or site["fn"].size) < site["fn"].size
             for site in trace.nodes.values()
         ):  # each chunk would draw a minibatch of its own: the eager path replays one
-            self.fallback, want = "the guide subsamples its data plate", None
-        else:
-            state = torch.get_rng_state()
-            want = self._chunk(x)[0]
+            self._give_up("the guide subsamples its data plate")
+            return None
+        state = torch.get_rng_state()
+        want = log_importance_weights(self.model, self.guide, x, num_particles=self.chunk,
+                                      max_plate_nesting=self.nesting)  # fmt: skip
         try:
-            if self.fallback:
-                raise RuntimeError(self.fallback)
             compiled = Captured(lambda xb: self._chunk(xb), [x], random=True).function([0])
             after = torch.get_rng_state()
             torch.set_rng_state(state)
             got = compiled(x)[0]
         except Exception as err:  # any failure of capture or compilation: stay eager
             first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-            self.fallback = self.fallback or f"{type(err).__name__}: {first[:200]}"
+            self._give_up(f"{type(err).__name__}: {first[:200]}")
+            return want
+        torch.set_rng_state(after)
+        scale = max(float(want.abs().max()) if want.numel() else 1.0, 1.0)
+        if not torch.equal(torch.isfinite(want), torch.isfinite(got)) or not bool(
+            ((want - got).abs() <= TOLERANCE * scale).all()
+        ):
+            self._give_up("the compiled weights differ from the eager ones")
         else:
-            torch.set_rng_state(after)
-            scale = float(want.abs().max()) if want.numel() else 1.0
-            if not torch.equal(torch.isfinite(want), torch.isfinite(got)) or not bool(
-                ((want - got).abs() <= TOLERANCE * max(scale, 1.0)).all()
-            ):
-                self.fallback = "the compiled weights differ from the eager ones"
-            else:
-                self.compiled, self.shape = compiled, x.shape
-        if self.fallback is not None:
-            warnings.warn(f"evaluating eagerly: the chunk could not be compiled ({self.fallback})",
-                          RuntimeWarning, stacklevel=3)  # fmt: skip
+            self.compiled, self.shape = compiled, x.shape
         return want
+
+    def _give_up(self, why: str) -> None:
+        self.fallback = why
+        warnings.warn(f"evaluating eagerly: the chunk could not be compiled ({why})",
+                      RuntimeWarning, stacklevel=4)  # fmt: skip
 
 
 def perplexity(entry: Mapping, counts: torch.Tensor) -> dict:

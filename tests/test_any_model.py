@@ -387,3 +387,20 @@ def test_hierarchical_terms_replay_the_minibatch_too(float64):
         assert log_w.shape == (4, B)
         nearest = (log_w[:, :, None] - exact).abs().min(-1).values
         assert (nearest < 1e-9).all(), name
+
+
+def test_a_subsampling_guide_is_evaluated_eagerly_with_one_minibatch_per_batch(float64):
+    """A compiled chunk would draw a minibatch of its own; the evaluation stays eager (and says
+    so), so that the chunks of a batch share the guide's one minibatch as before."""
+    from inference.evaluation import evaluate_bounds
+
+    model, guide, x, exact = _subsampled_pair(B)
+    settings = dict(ks=[1, 6], batch_size=N, max_rows=2 * N, seed=0, progress=False)  # chunk 2
+    with pytest.warns(RuntimeWarning, match="subsamples its data plate"):
+        tried = evaluate_bounds(model, guide, x, **settings, compile=True)
+    eager = evaluate_bounds(model, guide, x, **settings, compile=False)
+    assert not tried["compiled"]
+    assert torch.equal(tried["iwae"][6].value, eager["iwae"][6].value)
+    # the exact posterior as guide: each weight is log p of the minibatch's datapoint
+    nearest = (tried["iwae"][6].value[:, None] - exact[None, :]).abs().min(1).values
+    assert (nearest < 1e-9).all()
