@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--chains", type=int, default=16)
     parser.add_argument("--leapfrog", type=int, default=10)
     parser.add_argument("--modes", default="compiled", help="comma-separated: compiled, eager")
+    parser.add_argument("--name", default="ais", help="results/NAME.json (default ais)")
     args = parser.parse_args()
 
     run = args.run
@@ -52,7 +53,7 @@ def main() -> None:
     for temps in (int(t) for t in args.temperatures.split(",")):
         for mode in args.modes.split(","):
             rows.append(measure(run, args, temps, mode, hidden, z_dim, decoder))
-    print(f"written {save('ais', {'run': str(run), 'chains': args.chains, 'rows': rows})}")
+    print(f"written {save(args.name, {'run': str(run), 'chains': args.chains, 'rows': rows})}")
 
 
 def measure(run: Path, args, temps: int, mode: str, hidden, z_dim, decoder) -> dict:

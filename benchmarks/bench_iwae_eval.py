@@ -1,11 +1,13 @@
 """IWAE-5000 evaluation of binarized MNIST test images: throughput, peak memory, FLOP rate.
 
 Runs ``elbolab evaluate RUN --k 5000`` in a child process (so that its peak
-resident memory is its own) and compares the floating-point rate it reaches
-in the network's matrix products with what this CPU does in a plain matrix
-product of the same shapes, measured in the same process run.
+resident memory is its own), compiled or eager, and compares the
+floating-point rate it reaches in the network's matrix products with what
+this CPU does in a plain matrix product of the same shapes and in a 1024^3
+product (the ceiling), both measured in this process.
 
     python benchmarks/bench_iwae_eval.py [--run runs/mnist-iwae50] [--limit 1000]
+        [--modes compiled,eager]
 
 Without a trained run, an untrained 784-200-200-50 VAE is written to a
 temporary run directory (speed does not depend on the weights).
@@ -22,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, matmul_rate, network_flops, save, untrained_run
+from common import ROOT, matmul_ceiling, matmul_rate, network_flops, save, untrained_run
 
 from inference.runs import TrainConfig, build
 
@@ -32,53 +34,72 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "mnist-iwae50")
     parser.add_argument("--limit", type=int, default=1000, help="test images (10000 = all)")
     parser.add_argument("--k", type=int, default=5000)
+    parser.add_argument("--modes", default="compiled", help="comma-separated: compiled, eager")
     args = parser.parse_args()
 
     run = args.run
     if not (run / "checkpoint.pt").exists():
         run = untrained_run(Path(tempfile.mkdtemp()) / "untrained")
     config = json.loads((run / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("kind", "elbolab")}
     _, model = build(TrainConfig(**config))
     hidden, z_dim = list(model.hidden), model.z_dim
-    rows = 20_000  # evaluate_bounds' default rows per vectorised pass
-    peak_before = matmul_rate(rows, [z_dim, *hidden[::-1], 784])
-
-    ks = ",".join(str(k) for k in sorted({1, 50, args.k}))
-    cmd = [sys.executable, "-m", "inference.commands.cli", "evaluate", str(run), "--k", ks,
-           "--limit", str(args.limit), "--no-progress"]  # fmt: skip
-    tic = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    seconds = time.perf_counter() - tic
-    if done.returncode:
-        sys.exit(done.stderr)
-    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    report = json.loads((run / "eval.json").read_text())
-    peak_after = matmul_rate(rows, [z_dim, *hidden[::-1], 784])
-    matmul = max(peak_before, peak_after)
-
-    eval_seconds = report["seconds"]
-    flops = args.limit * network_flops(784, hidden, z_dim, args.k)
-    result = {
-        "k": args.k,
-        "datapoints": args.limit,
-        "run": str(run),
-        "command_seconds": seconds,
-        "eval_seconds": eval_seconds,
-        "datapoints_per_s": args.limit / eval_seconds,
-        "peak_rss_mb": peak_rss / 2**20,
-        "achieved_gflops": flops / eval_seconds / 1e9,
-        "matmul_gflops": matmul / 1e9,
-        "fraction_of_matmul": flops / eval_seconds / matmul,
-        "log_px": report["log_px"],
-        "full_test_set_estimate_s": eval_seconds * 10_000 / args.limit,
-    }
-    print(
-        f"IWAE-{args.k} on {args.limit} test images: {eval_seconds:.1f} s "
-        f"({result['datapoints_per_s']:.1f} images/s; full test set ~"
-        f"{result['full_test_set_estimate_s']:.0f} s), peak RSS {result['peak_rss_mb']:.0f} MB, "
-        f"{result['achieved_gflops']:.1f} GFLOP/s = {100 * result['fraction_of_matmul']:.0f}% "
-        f"of plain matmul ({result['matmul_gflops']:.1f} GFLOP/s)"
-    )
+    rows = 2_000  # evaluate_bounds' rows per vectorised pass
+    decoder = [z_dim, *hidden[::-1], 784]
+    results = []
+    for mode in args.modes.split(","):
+        if mode not in ("compiled", "eager"):
+            sys.exit(f"--modes: {mode!r} is not compiled or eager")
+        peak_before = matmul_rate(rows, decoder)
+        ks = ",".join(str(k) for k in sorted({1, 50, args.k}))
+        cmd = [sys.executable, "-m", "inference.commands.cli", "evaluate", str(run), "--k", ks,
+               "--limit", str(args.limit), "--no-progress",
+               "--compile" if mode == "compiled" else "--no-compile"]  # fmt: skip
+        tic = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        seconds = time.perf_counter() - tic
+        if done.returncode:
+            sys.exit(done.stderr)
+        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        report = json.loads((run / "eval.json").read_text())
+        matmul = max(peak_before, matmul_rate(rows, decoder))
+        ceiling = matmul_ceiling()
+        eval_seconds = report["seconds"]
+        flops = args.limit * network_flops(784, hidden, z_dim, args.k)
+        rate = flops / eval_seconds
+        result = {
+            "mode": mode,
+            "compiled": report.get("compiled", False),
+            "k": args.k,
+            "datapoints": args.limit,
+            "run": str(run),
+            "command_seconds": seconds,
+            "eval_seconds": eval_seconds,
+            "datapoints_per_s": args.limit / eval_seconds,
+            "peak_rss_mb": report["peak_rss_mb"],  # the evaluation process's own
+            "peak_rss_with_children_mb": peak_rss / 2**20,  # with the compiler's processes
+            "achieved_gflops": rate / 1e9,
+            "matmul_gflops": matmul / 1e9,
+            "fraction_of_matmul": rate / matmul,
+            "ceiling_gflops": ceiling / 1e9,
+            "fraction_of_ceiling": rate / ceiling,
+            "log_px": report["log_px"],
+            "full_test_set_estimate_s": eval_seconds * 10_000 / args.limit,
+        }
+        results.append(result)
+        print(
+            f"IWAE-{args.k} {mode} on {args.limit} test images: {eval_seconds:.1f} s "
+            f"({result['datapoints_per_s']:.1f} images/s; full test set ~"
+            f"{result['full_test_set_estimate_s']:.0f} s), peak RSS {result['peak_rss_mb']:.0f} "
+            f"MB (with the compiler's child processes, the most of the runs so far: "
+            f"{result['peak_rss_with_children_mb']:.0f} MB), "
+            f"{result['achieved_gflops']:.1f} GFLOP/s = {100 * result['fraction_of_matmul']:.0f}% "
+            f"of a plain matmul of the same shapes ({result['matmul_gflops']:.0f}), "
+            f"{100 * result['fraction_of_ceiling']:.0f}% of the 1024^3 ceiling "
+            f"({result['ceiling_gflops']:.0f}); log p(x) {report['log_px']['mean']:.3f}",
+            flush=True,
+        )
+    result = {"rows": results}
     print(f"written {save('iwae_eval', result)}")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import resource
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,6 +128,7 @@ def evaluate_run(
         result["statistics"]["ais"] = estimate.value
     if dataset.likelihood == "multinomial":
         report["perplexity"] = perplexity_report(report, x.cpu(), dataset.word_counts)
+    report["peak_rss_mb"] = peak_rss_mb()  # this process's own: not a compiler's children
     per_point = {
         "elbo": result["elbo"].value,
         **{f"iwae{k}": b.value for k, b in result["iwae"].items()},
@@ -158,6 +161,12 @@ def perplexity_report(report: dict, counts: torch.Tensor, word_counts: torch.Ten
         "note": "per word, from log p(x) less the multinomial coefficient; a lower bound on "
         "log p(x) is an upper bound on perplexity; unigram: training word frequencies (add-one)",
     }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of the process so far, in MB (Linux reports KB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def ais_report(estimate, settings: dict, seconds: float) -> dict:
