@@ -341,6 +341,13 @@ def _written(node: torch.fx.Node) -> list[torch.fx.Node]:
     return written
 
 
+def _view(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s result is a view of its first argument (it shares the storage)."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    return bool(schema and schema.returns and schema.returns[0].alias_info is not None
+                and not schema.returns[0].alias_info.is_write)  # fmt: skip
+
+
 def _split_invariant(
     graph: torch.fx.GraphModule,
 ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
@@ -353,6 +360,12 @@ def _split_invariant(
     # what depends on an input or on a random draw (one per call), and any tensor that an
     # operation writes into (a buffer filled in place must be a new one at every call)
     written = {arg for node in graph.graph.nodes for arg in _written(node)}
+    views = [n for n in written if _view(n)]
+    while views:  # writing into a view writes into the tensor it views
+        base = views.pop().args[0]
+        if isinstance(base, torch.fx.Node) and base not in written:
+            written.add(base)
+            views += [base] if _view(base) else []
     varying = set()
     for node in graph.graph.nodes:
         if (

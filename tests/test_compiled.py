@@ -207,9 +207,11 @@ def test_captured_function_computes_what_its_inputs_do_not_reach_once():
     with pytest.raises(ValueError, match="random"):
         Captured(lambda z: z + torch.randn_like(z), [z])
 
-    def noisy(z):  # a draw into a fresh buffer, filled in place: never computed once
+    def noisy(z):  # draws into fresh buffers, filled in place: never computed once
         eps = torch.empty(z.shape).normal_()
-        return (z + eps * torch.tanh(x @ w_enc).sum(),)
+        more = torch.empty(2 * z.numel())
+        more.view(2, *z.shape)[0].normal_()  # through a view of the buffer
+        return (z + eps * torch.tanh(x @ w_enc).sum() + more[: z.numel()].view(z.shape),)
 
     drawing = Captured(noisy, [z], random=True)
     for backend in BACKENDS:
