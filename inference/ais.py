@@ -217,7 +217,7 @@ class _Path:
         the eager evaluation beyond float rounding, stays eager (``fallback``
         says why).
         """
-        from .compiled import Captured, _mismatch
+        from .compiled import Captured, _mismatch, why_not
 
         tic = time.perf_counter()
         tensors = [v.detach() for v in values.values()]
@@ -231,8 +231,7 @@ class _Path:
             got = compiled["value"](*tensors)
             grads = compiled["grad"](*tensors)
         except Exception as err:  # any failure of capture or compilation: stay eager
-            first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-            self.fallback = f"{type(err).__name__}: {first[:200]}"
+            self.fallback = why_not(err)
         else:
             want = self._flat(*tensors)
             self.fallback = _mismatch(

@@ -194,8 +194,7 @@ class CompiledStep:
                 torch.set_rng_state(state)
                 c_loss, c_grads = compiled(*inputs)
         except Exception as err:  # any failure of capture or compilation: stay eager
-            first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-            return self._give_up(f"{type(err).__name__}: {first[:200]}", tic, loss)
+            return self._give_up(why_not(err), tic, loss)
         exact = self.backend == "replay"
         mismatch = _mismatch(loss, c_loss, eager_grads, c_grads, exact=exact)
         if mismatch:
@@ -216,6 +215,12 @@ class CompiledStep:
             warnings.warn(f"training eagerly: the step could not be compiled ({why})",
                           RuntimeWarning, stacklevel=3)  # fmt: skip
         return loss
+
+
+def why_not(err: Exception) -> str:
+    """Why a capture or compilation failed, in one line: the error's type and first line."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {first[:200]}"
 
 
 def _deduplicate(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:

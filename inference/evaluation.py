@@ -10,7 +10,6 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from ppl_models.text import log_multinomial_coefficient
@@ -21,9 +20,10 @@ from .compiled import TOLERANCE
 from .distributed import World
 from .tracing import (
     Layout,
+    dry_traces,
     elbo_decomposition,
-    guess_max_plate_nesting,
     log_importance_weights,
+    plate_nesting,
     weighted_sample,
 )
 
@@ -182,12 +182,11 @@ class _ChunkedWeights:
 
     def _capture(self, x: torch.Tensor) -> torch.Tensor | None:
         """Record and compile the chunk on ``x``; returns a first chunk, drawn eagerly."""
-        from .compiled import Captured
+        from .compiled import Captured, why_not
 
         self.pending = False
-        self.nesting = guess_max_plate_nesting(self.model, self.guide, (x,), {})
-        with poutine.block(), torch.random.fork_rng(devices=[]):
-            trace = poutine.trace(self.guide).get_trace(x)
+        trace, model_trace = dry_traces(self.model, self.guide, (x,), {})
+        self.nesting = plate_nesting(trace, model_trace)
         if any(
             site_is_subsample(site)
             and (site["fn"].subsample_size or site["fn"].size) < site["fn"].size
@@ -204,8 +203,7 @@ class _ChunkedWeights:
             torch.set_rng_state(state)
             got = compiled(x)[0]
         except Exception as err:  # any failure of capture or compilation: stay eager
-            first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-            self._give_up(f"{type(err).__name__}: {first[:200]}")
+            self._give_up(why_not(err))
             return want
         torch.set_rng_state(after)
         scale = max(float(want.abs().max()) if want.numel() else 1.0, 1.0)

@@ -19,7 +19,6 @@ import math
 from collections.abc import Callable
 
 import torch
-from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
@@ -27,9 +26,11 @@ from pyro.poutine.util import site_is_subsample
 from .bounds import logsumexp
 from .tracing import (
     Layout,
+    dry_traces,
     guess_max_plate_nesting,
     latent_values,
     log_density,
+    plate_nesting,
     sample_sites,
     subsample_values,
     trace_guide,
@@ -166,14 +167,17 @@ class DReG(IWAE):
 
     def __init__(self, *, num_particles: int = 1, plate: str = "data") -> None:
         super().__init__(num_particles=num_particles, plate=plate)
-        self._one_latent: bool | None = None
+        self._one_latent = False
+
+    def _layout(self, model, guide, args, kwargs) -> Layout:
+        if self._nesting is None:  # the dry run also tells how many latent sites the guide has
+            guide_trace, model_trace = dry_traces(model, guide, args, kwargs)
+            self._nesting = plate_nesting(guide_trace, model_trace)
+            self._one_latent = len(latent_values(guide_trace)) == 1
+        return super()._layout(model, guide, args, kwargs)
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         layout = self._layout(model, guide, args, kwargs)
-        if self._one_latent is None:  # a dry run that leaves the random state as it was
-            with poutine.block(), torch.random.fork_rng(devices=[]):
-                trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            self._one_latent = len(latent_values(trace)) == 1
         if self._one_latent:
             draw = _DrawScaled()
             sample = weighted_sample(model, guide, args, kwargs, layout, draw=draw)

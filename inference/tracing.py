@@ -49,24 +49,38 @@ def sample_sites(trace) -> Iterable[dict]:
 def dry_run(model: Callable, guide: Callable, args, kwargs) -> tuple[int, dict]:
     """How many vectorised plates the model and guide nest, and the minibatch the guide draws.
 
-    One run of the guide and the replayed model, like Pyro's ELBO's first
-    step, that leaves the random state as it found it, so that calling it (or
-    not) never changes the draws that follow. The subsample indices (see
-    :func:`subsample_values`) are those the next guide run would draw:
-    replaying them into every chunk of particles keeps one minibatch per call.
+    One run of the guide and the replayed model (:func:`dry_traces`). The
+    subsample indices (see :func:`subsample_values`) are those the next
+    guide run would draw: replaying them into every chunk of particles keeps
+    one minibatch per call.
+    """
+    guide_trace, model_trace = dry_traces(model, guide, args, kwargs)
+    return plate_nesting(guide_trace, model_trace), subsample_values(guide_trace)
+
+
+def dry_traces(model: Callable, guide: Callable, args, kwargs) -> tuple:
+    """Traces of one run of the guide and of the model replayed from it, without particles.
+
+    Like Pyro's ELBO's first step, and it leaves the random state as it found
+    it, so that calling it (or not) never changes the draws that follow.
     """
     with poutine.block(), torch.random.fork_rng(devices=[]):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         replayed = _replayed(model, replay_values(guide_trace))
         model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+    return guide_trace, model_trace
+
+
+def plate_nesting(*traces) -> int:
+    """How many vectorised plates the sites of ``traces`` nest."""
     dims = [
         -frame.dim
-        for trace in (guide_trace, model_trace)
+        for trace in traces
         for site in sample_sites(trace)
         for frame in site["cond_indep_stack"]
         if frame.vectorized and frame.dim is not None
     ]
-    return max(dims, default=0), subsample_values(guide_trace)
+    return max(dims, default=0)
 
 
 def guess_max_plate_nesting(model: Callable, guide: Callable, args, kwargs) -> int:
