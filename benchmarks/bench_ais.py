@@ -27,7 +27,7 @@ from pathlib import Path
 
 from common import ROOT, matmul_ceiling, matmul_rate, network_flops, save, untrained_run
 
-from inference.runs import TrainConfig, build
+from inference.runs import build, read_config
 
 
 def main() -> None:
@@ -44,9 +44,7 @@ def main() -> None:
     run = args.run
     if not (run / "checkpoint.pt").exists():
         run = untrained_run(Path(tempfile.mkdtemp()) / "untrained")
-    config = json.loads((run / "config.json").read_text())
-    config = {k: v for k, v in config.items() if k not in ("kind", "elbolab")}
-    _, model = build(TrainConfig(**config))
+    _, model = build(read_config(run))
     hidden, z_dim = list(model.hidden), model.z_dim
     decoder = [z_dim, *hidden[::-1], 784]
     rows = []
