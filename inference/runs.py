@@ -229,15 +229,27 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.close(fd)
         write(Path(tmp))
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
-        raise RunError(f"cannot write {path}: {err.strerror or err}; {kept}") from None
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        interrupt = _interruption(err)
+        if interrupt is not None:  # a writer whose cleanup failed because a signal stopped it
+            raise interrupt from None
+        if isinstance(err, OSError):
+            kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+            raise RunError(f"cannot write {path}: {err.strerror or err}; {kept}") from None
         raise
+
+
+def _interruption(err: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM behind ``err``, if any: ``err`` itself or what it was raised during.
+
+    torch.save stopped by a signal fails again while closing its zip file, and
+    that error would hide the interruption (and print a traceback).
+    """
+    while err is not None and not isinstance(err, KeyboardInterrupt):
+        err = err.__context__
+    return err
 
 
 def write_json(path: Path, obj) -> None:

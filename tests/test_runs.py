@@ -275,6 +275,27 @@ def test_signal_during_train_keeps_a_consistent_checkpoint_and_says_how_to_resum
     assert len(read_metrics(run)) == state["epoch"] + 1
 
 
+def test_a_signal_inside_a_writer_whose_cleanup_fails_is_still_an_interruption(tmp_path):
+    """torch.save interrupted mid-record fails again closing its zip file (seen in CI as a
+    RuntimeError with a traceback); the interruption must come out, the old file intact."""
+    from inference.runs import atomic_write
+
+    path = tmp_path / "checkpoint.pt"
+    path.write_text("previous")
+
+    def write(tmp):
+        tmp.write_text("partial")
+        try:
+            raise KeyboardInterrupt  # the signal
+        finally:
+            raise RuntimeError("unexpected pos 9728 vs 9620")  # the writer's own cleanup
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, write)
+    assert path.read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
 def test_full_disk_leaves_the_previous_files_intact(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), *TINY]) == 0
