@@ -286,6 +286,11 @@ class Captured:
     rest, or a part of it that computes only some of the outputs (dead code
     dropped: a gradient without the log density it comes from, for example).
 
+    Inputs numbered in ``fixed`` change seldom (the data of an evaluation,
+    many calls per batch): what depends on them and on constants alone (the
+    guide's network on the batch) is computed once per new value, not at
+    every call; a value is new when it is another tensor or was written to.
+
     Random draws stay where they are, one per call, from torch's generator
     as in eager mode (the same numbers from the same state); without
     ``random`` a function that draws is refused (``ValueError``). Raises
@@ -293,18 +298,40 @@ class Captured:
     depends on its inputs' values).
     """
 
-    def __init__(self, fn: Callable, inputs: list[torch.Tensor], *, random: bool = False) -> None:
+    def __init__(
+        self,
+        fn: Callable,
+        inputs: list[torch.Tensor],
+        *,
+        random: bool = False,
+        fixed: tuple[int, ...] = (),
+    ) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         self.inputs = [t.detach() for t in inputs]
+        self.fixed = tuple(sorted(set(fixed)))
         with pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             graph = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*self.inputs)
         if not random and any(_random(node) for node in graph.graph.nodes):
             raise ValueError("the function draws random numbers: it is not captured")
-        pre, self.graph = _split_invariant(graph)
-        with torch.no_grad():
-            self.invariants = [t.detach() for t in pre()]
+        self._pre, self.graph = _split_invariant(graph, self.fixed)
+        self._bound: list[tuple[torch.Tensor, int]] | None = None
+        self.rewrites: dict[str, int] = {}  # what the last compiled function's rewrites changed
+        self.invariants = self._invariants(self.inputs)
+
+    def _invariants(self, inputs) -> list[torch.Tensor]:
+        """``pre`` on the fixed inputs among ``inputs``, computed again only for new values."""
+        fixed = [inputs[i] for i in self.fixed]
+        same = self._bound is not None and all(
+            a is b and a._version == version
+            for a, (b, version) in zip(fixed, self._bound, strict=True)
+        )
+        if not same:
+            with torch.no_grad():
+                self.invariants = [t.detach() for t in self._pre(*fixed)]
+            self._bound = [(t, t._version) for t in fixed]
+        return self.invariants
 
     def function(self, outputs: list[int], *, backend: str = "inductor") -> Callable:
         """A function of the inputs returning the outputs numbered ``outputs``, in that order."""
@@ -312,15 +339,17 @@ class Captured:
             raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
         graph = _restrict(self.graph, outputs)
         if backend == "inductor":
+            from .rewrites import rewrite
+
+            self.rewrites = rewrite(graph)
             if _warm_up is not None:
                 _warm_up.join()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 graph = _inductor(graph, [*self.inputs, *self.invariants])
-        invariants = self.invariants
 
         def run(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return tuple(graph(*inputs, *invariants))
+            return tuple(graph(*inputs, *self._invariants(inputs)))
 
         return run
 
@@ -354,11 +383,12 @@ def _view(node: torch.fx.Node) -> bool:
 
 
 def _split_invariant(
-    graph: torch.fx.GraphModule,
+    graph: torch.fx.GraphModule, fixed: tuple[int, ...] = ()
 ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    """``(pre, main)``: ``pre()`` computes the input-independent values that ``main`` needs.
+    """``(pre, main)``: ``pre`` computes what ``main`` needs from fixed inputs and constants.
 
-    ``main(*inputs, *pre())`` returns the graph's outputs as a flat list.
+    ``pre(*fixed_inputs)`` takes the inputs numbered ``fixed``;
+    ``main(*inputs, *pre(*fixed_inputs))`` returns the graph's outputs as a flat list.
     """
     from torch import fx
 
@@ -371,10 +401,12 @@ def _split_invariant(
         if isinstance(base, torch.fx.Node) and base not in written:
             written.add(base)
             views += [base] if _view(base) else []
+    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    held = [placeholders[i] for i in fixed]
     varying = set()
     for node in graph.graph.nodes:
         if (
-            node.op == "placeholder"
+            (node.op == "placeholder" and node not in held)
             or _random(node)
             or node in written
             or any(a in varying for a in node.all_input_nodes)
@@ -385,8 +417,10 @@ def _split_invariant(
     needed = {u for n in varying for u in n.all_input_nodes} | set(output.all_input_nodes)
     boundary = [n for n in nodes if n not in varying and n.op != "output" and n in needed]
     pre, env = fx.Graph(), {}
+    for node in held:  # pre's inputs, in the order of ``fixed``
+        env[node] = pre.placeholder(node.name)
     for node in nodes:
-        if node not in varying and node.op != "output":
+        if node not in varying and node.op not in ("output", "placeholder"):
             env[node] = pre.node_copy(node, env.__getitem__)
     pre.output(tuple(env[n] for n in boundary))
     pre.eliminate_dead_code()

@@ -81,7 +81,18 @@ def evaluate_bounds(
     chunk = max(1, max_rows // batch_size)
     if compile is None:
         compile = worth_compiling(k_max, data.shape[0], batch_size, chunk)
+    if compile:
+        from .compiled import warm_up
+
+        warm_up()  # inductor's probing of the CPU, while the first chunk is recorded
     weights = _ChunkedWeights(model, guide, chunk, compile=compile)
+    decomposition: list[_Recorded] = []  # made on the first batch, once the chunk is recorded
+
+    def decompose(xb: torch.Tensor) -> dict:
+        return elbo_decomposition(
+            model, guide, xb, num_particles=min(decomposition_particles, k_max),
+            max_plate_nesting=weights.nesting,
+        )  # fmt: skip
 
     def batch(xb: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
         log_w = weights(xb, k_max)
@@ -94,9 +105,10 @@ def evaluate_bounds(
         for k in ks:
             bound = iwae_bound(log_w, k=k)
             out[f"iwae{k}"], out[f"iwae{k}_se"] = bound.value, bound.stderr
-        parts_dec = elbo_decomposition(
-            model, guide, xb, num_particles=min(decomposition_particles, k_max)
-        )
+        if not decomposition:  # compiled where the chunk is: the same batches, the same model
+            decomposition.append(_Recorded(decompose, "the ELBO decomposition",
+                                           compile=weights.compiled is not None))  # fmt: skip
+        parts_dec = decomposition[0](xb)
         for name, value in parts_dec.items():
             if name != "kl_analytic":
                 out[f"decomposition/{name}"] = value
@@ -134,24 +146,96 @@ def worth_compiling(num_particles: int, num_datapoints: int, batch_size: int, ch
     return passes >= COMPILE_MIN_CHUNKS
 
 
+class _Recorded:
+    """``fn(x)``, a dict of tensors (and flags) drawing random numbers, compiled on its first x.
+
+    The first call runs ``fn`` eagerly and returns that result, records the
+    same call with its random draws (``make_fx``; the part that depends on
+    ``x`` and the weights alone is computed once per ``x``) and compiles it;
+    the compiled function draws from torch's generator as eager code does,
+    so it must give the eager result to float rounding, which the first call
+    checks. Later calls with ``x`` of the first one's shape run compiled;
+    another shape, a failed capture or a mismatch (a warning) run eagerly.
+    Non-tensor entries (flags) are those of the first call.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], dict], what: str, *, compile: bool) -> None:
+        self.fn, self.what, self.pending = fn, what, compile
+        self.compiled: Callable | None = None
+        self.shape: torch.Size | None = None
+        self.flags: dict = {}
+        self.names: list[str] = []
+        self.fallback: str | None = None
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        if self.pending:
+            return self._capture(x)
+        if self.compiled is None or x.shape != self.shape:
+            return self.fn(x)
+        return {**dict(zip(self.names, self.compiled(x), strict=True)), **self.flags}
+
+    def _capture(self, x: torch.Tensor) -> dict:
+        from .compiled import Captured, why_not
+
+        self.pending = False
+        state = torch.get_rng_state()
+        want = self.fn(x)
+        self.names = [k for k, v in want.items() if isinstance(v, torch.Tensor)]
+        self.flags = {k: v for k, v in want.items() if k not in self.names}
+
+        def tensors(xb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = self.fn(xb)
+            return tuple(out[k] for k in self.names)
+
+        try:
+            captured = Captured(tensors, [x], random=True, fixed=(0,))
+            compiled = captured.function(list(range(len(self.names))))
+            after = torch.get_rng_state()
+            torch.set_rng_state(state)
+            got = compiled(x)
+        except Exception as err:  # any failure of capture or compilation: stay eager
+            self._give_up(why_not(err))
+            return want
+        torch.set_rng_state(after)
+        if all(_close(want[k], g) for k, g in zip(self.names, got, strict=True)):
+            self.compiled, self.shape = compiled, x.shape
+        else:
+            self._give_up(f"the compiled {self.what} differs from the eager one")
+        return want
+
+    def _give_up(self, why: str) -> None:
+        self.fallback = why
+        warnings.warn(f"evaluating eagerly: {self.what} could not be compiled ({why})",
+                      RuntimeWarning, stacklevel=5)  # fmt: skip
+
+
+def _close(want: torch.Tensor, got: torch.Tensor) -> bool:
+    """Equal to float rounding, relative to the largest value (and infinite in the same places)."""
+    scale = max(float(want.abs().max()) if want.numel() else 1.0, 1.0)
+    return torch.equal(torch.isfinite(want), torch.isfinite(got)) and bool(
+        ((want - got).abs() <= TOLERANCE * scale).all()
+    )
+
+
 class _ChunkedWeights:
     """:func:`log_importance_weights` in chunks of particles, compiled for long evaluations.
 
     The chunk (``chunk`` particles on a batch of the first batch's shape) is
-    recorded once, random draws included, and compiled; the draws come from
-    torch's generator as in eager mode, so the weights are the eager ones to
-    float rounding (checked on the first chunk). Another shape (a last,
-    smaller batch), a model that subsamples its data plate, or one that
-    cannot be recorded is evaluated eagerly.
+    a :class:`_Recorded` function; a model that subsamples its data plate is
+    evaluated eagerly (each compiled chunk would draw a minibatch of its
+    own), and so is a batch of another shape (a last, smaller batch).
     """
 
     def __init__(self, model: Callable, guide: Callable, chunk: int, *, compile: bool) -> None:
         self.model, self.guide, self.chunk = model, guide, chunk
         self.pending = compile
-        self.compiled: Callable | None = None
-        self.shape: torch.Size | None = None
+        self.recorded: _Recorded | None = None
         self.nesting: int | None = None
         self.fallback: str | None = None
+
+    @property
+    def compiled(self) -> Callable | None:
+        return self.recorded.compiled if self.recorded is not None else None
 
     def __call__(self, x: torch.Tensor, num_particles: int) -> torch.Tensor:
         chunks = []
@@ -159,7 +243,7 @@ class _ChunkedWeights:
             first = self._capture(x)  # the first chunk, drawn eagerly: the check
             chunks += [] if first is None else [first]
         done = sum(c.shape[0] for c in chunks)
-        if self.compiled is None or x.shape != self.shape:
+        if self.compiled is None or x.shape != self.recorded.shape:
             if num_particles > done:
                 chunks.append(log_importance_weights(
                     self.model, self.guide, x, num_particles=num_particles - done,
@@ -168,57 +252,41 @@ class _ChunkedWeights:
         for start in range(done, num_particles, self.chunk):
             size = min(self.chunk, num_particles - start)
             if size == self.chunk:
-                chunks.append(self.compiled(x)[0])
+                chunks.append(self.recorded(x)["log_w"])
             else:
                 chunks.append(log_importance_weights(
                     self.model, self.guide, x, num_particles=size,
                     max_plate_nesting=self.nesting))  # fmt: skip
         return torch.cat(chunks, 0)
 
-    def _chunk(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+    def _chunk(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         layout = Layout(self.chunk, self.nesting, "data")
         with torch.no_grad():
-            return (weighted_sample(self.model, self.guide, (x,), {}, layout).log_w,)
+            return {"log_w": weighted_sample(self.model, self.guide, (x,), {}, layout).log_w}
 
     def _capture(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Record and compile the chunk on ``x``; returns a first chunk, drawn eagerly."""
-        from .compiled import Captured, why_not
+        """Record and compile the chunk on ``x``; returns a first chunk, drawn eagerly.
 
+        None where the guide subsamples: the eager path draws one minibatch for
+        all the batch's particles.
+        """
         self.pending = False
         trace, model_trace = dry_traces(self.model, self.guide, (x,), {})
         self.nesting = plate_nesting(trace, model_trace)
-        if any(
+        subsamples = any(
             site_is_subsample(site)
             and (site["fn"].subsample_size or site["fn"].size) < site["fn"].size
             for site in trace.nodes.values()
-        ):  # each chunk would draw a minibatch of its own: the eager path replays one
-            self._give_up("the guide subsamples its data plate")
+        )
+        self.recorded = _Recorded(self._chunk, "the chunk", compile=not subsamples)
+        if subsamples:
+            self.fallback = "the guide subsamples its data plate"
+            warnings.warn(f"evaluating eagerly: the chunk could not be compiled ({self.fallback})",
+                          RuntimeWarning, stacklevel=3)  # fmt: skip
             return None
-        state = torch.get_rng_state()
-        want = log_importance_weights(self.model, self.guide, x, num_particles=self.chunk,
-                                      max_plate_nesting=self.nesting)  # fmt: skip
-        try:
-            compiled = Captured(lambda xb: self._chunk(xb), [x], random=True).function([0])
-            after = torch.get_rng_state()
-            torch.set_rng_state(state)
-            got = compiled(x)[0]
-        except Exception as err:  # any failure of capture or compilation: stay eager
-            self._give_up(why_not(err))
-            return want
-        torch.set_rng_state(after)
-        scale = max(float(want.abs().max()) if want.numel() else 1.0, 1.0)
-        if not torch.equal(torch.isfinite(want), torch.isfinite(got)) or not bool(
-            ((want - got).abs() <= TOLERANCE * scale).all()
-        ):
-            self._give_up("the compiled weights differ from the eager ones")
-        else:
-            self.compiled, self.shape = compiled, x.shape
-        return want
-
-    def _give_up(self, why: str) -> None:
-        self.fallback = why
-        warnings.warn(f"evaluating eagerly: the chunk could not be compiled ({why})",
-                      RuntimeWarning, stacklevel=4)  # fmt: skip
+        first = self.recorded(x)["log_w"]
+        self.fallback = self.recorded.fallback
+        return first
 
 
 def perplexity(entry: Mapping, counts: torch.Tensor) -> dict:

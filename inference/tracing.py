@@ -316,11 +316,29 @@ def log_density(trace, layout: Layout, *, only=None, exclude=()) -> torch.Tensor
     ``only`` (names) restricts the sum to those sites; ``exclude`` leaves some out.
     """
     terms = [
-        layout.reduce(s, s["fn"].log_prob(s["value"]))
+        site_log_density(s, layout)
         for s in sample_sites(trace)
         if (only is None or s["name"] in only) and s["name"] not in exclude
     ]
     return sum(terms[1:], terms[0]) if terms else torch.zeros(layout.shape)
+
+
+_SCORED = "elbolab_log_density"  # a site's key for its reduced log density, with the layout
+
+
+def site_log_density(site: dict, layout: Layout) -> torch.Tensor:
+    """A sample site's log density reduced to ``layout.shape``, computed once per trace and layout.
+
+    The value is kept in the site, so that what scores a trace again (the
+    ELBO decomposition after the weights) does not evaluate the
+    distribution a second time.
+    """
+    kept = site.get(_SCORED)
+    if kept is not None and kept[0] is layout and kept[1] is site["value"]:
+        return kept[2]
+    value = layout.reduce(site, site["fn"].log_prob(site["value"]))
+    site[_SCORED] = (layout, site["value"], value)
+    return value
 
 
 def weighted_sample(
@@ -427,6 +445,7 @@ def elbo_decomposition(
     *args,
     num_particles: int = 100,
     plate: str | None = "data",
+    max_plate_nesting: int | None = None,
     **kwargs,
 ) -> dict[str, torch.Tensor]:
     r"""Split the ELBO into reconstruction and KL terms, per datapoint.
@@ -443,7 +462,9 @@ def elbo_decomposition(
         each (N,) (or scalar without a data plate), and ``kl_analytic`` (bool).
     """
     with torch.no_grad():
-        nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        nesting = max_plate_nesting
+        if nesting is None:
+            nesting = guess_max_plate_nesting(model, guide, args, kwargs)
         layout = Layout(num_particles, nesting, plate)
         sample = weighted_sample(model, guide, args, kwargs, layout)
         guide_sites = {s["name"]: s for s in sample_sites(sample.guide_trace)}
@@ -451,12 +472,12 @@ def elbo_decomposition(
         recon = kl = entropy = torch.zeros(layout.shape, device=sample.log_w.device)
         analytic = True
         for site in sample_sites(sample.model_trace):
-            log_p = layout.reduce(site, site["fn"].log_prob(site["value"]))
+            log_p = site_log_density(site, layout)
             if site["name"] not in guide_sites:
                 recon = recon + log_p
                 continue
             q_site = guide_sites[site["name"]]
-            log_q = layout.reduce(q_site, q_site["fn"].log_prob(q_site["value"]))
+            log_q = site_log_density(q_site, layout)
             try:
                 kl = kl + layout.reduce(q_site, kl_divergence(q_site["fn"], site["fn"]))
             except NotImplementedError:
