@@ -249,15 +249,22 @@ class _ChunkedWeights:
                     self.model, self.guide, x, num_particles=num_particles - done,
                     chunk_size=self.chunk))  # fmt: skip
             return torch.cat(chunks, 0)
-        for start in range(done, num_particles, self.chunk):
+        # each chunk copied into one tensor made first: kept chunks, small blocks among each
+        # call's large temporaries, would keep the C heap from reusing the freed space
+        log_w = None
+        for start in range(0, num_particles, self.chunk):
             size = min(self.chunk, num_particles - start)
-            if size == self.chunk:
-                chunks.append(self.recorded(x)["log_w"])
+            if start < done:
+                part = chunks[0]
+            elif size == self.chunk:
+                part = self.recorded(x)["log_w"]
             else:
-                chunks.append(log_importance_weights(
-                    self.model, self.guide, x, num_particles=size,
-                    max_plate_nesting=self.nesting))  # fmt: skip
-        return torch.cat(chunks, 0)
+                part = log_importance_weights(self.model, self.guide, x, num_particles=size,
+                                              max_plate_nesting=self.nesting)  # fmt: skip
+            if log_w is None:
+                log_w = part.new_empty((num_particles, *part.shape[1:]))
+            log_w[start : start + size] = part
+        return log_w
 
     def _chunk(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         layout = Layout(self.chunk, self.nesting, "data")
