@@ -7,7 +7,11 @@ this CPU does in a plain matrix product of the same shapes and in a 1024^3
 product (the ceiling), both measured in this process.
 
     python benchmarks/bench_iwae_eval.py [--run runs/mnist-iwae50] [--limit 1000]
-        [--modes compiled,eager]
+        [--modes compiled,eager] [--repeats 1]
+
+With ``--repeats R`` the modes' runs are interleaved R times, each with its
+own ceiling measured right after it; the summary gives the medians (the
+machine's speed drifts by several percent between minutes).
 
 Without a trained run, an untrained 784-200-200-50 VAE is written to a
 temporary run directory (speed does not depend on the weights).
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +40,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=1000, help="test images (10000 = all)")
     parser.add_argument("--k", type=int, default=5000)
     parser.add_argument("--modes", default="compiled", help="comma-separated: compiled, eager")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of each mode")
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    for mode in modes:
+        if mode not in ("compiled", "eager"):
+            sys.exit(f"--modes: {mode!r} is not compiled or eager")
 
     run = args.run
     if not (run / "checkpoint.pt").exists():
@@ -45,9 +55,7 @@ def main() -> None:
     rows = 2_000  # evaluate_bounds' rows per vectorised pass
     decoder = [z_dim, *hidden[::-1], 784]
     results = []
-    for mode in args.modes.split(","):
-        if mode not in ("compiled", "eager"):
-            sys.exit(f"--modes: {mode!r} is not compiled or eager")
+    for mode in modes * args.repeats:
         peak_before = matmul_rate(rows, decoder)
         ks = ",".join(str(k) for k in sorted({1, 50, args.k}))
         cmd = [sys.executable, "-m", "inference.commands.cli", "evaluate", str(run), "--k", ks,
@@ -97,7 +105,20 @@ def main() -> None:
             f"({result['ceiling_gflops']:.0f}); log p(x) {report['log_px']['mean']:.3f}",
             flush=True,
         )
-    result = {"rows": results}
+    medians = {}
+    for mode in modes:
+        rows_of = [r for r in results if r["mode"] == mode]
+        medians[mode] = {
+            key: statistics.median(r[key] for r in rows_of)
+            for key in ("eval_seconds", "achieved_gflops", "ceiling_gflops",
+                        "fraction_of_ceiling", "peak_rss_mb")
+        }  # fmt: skip
+        m = medians[mode]
+        each = ", ".join(f"{100 * r['fraction_of_ceiling']:.0f}%" for r in rows_of)
+        print(f"{mode}, median of {len(rows_of)}: {m['eval_seconds']:.1f} s, "
+              f"{100 * m['fraction_of_ceiling']:.0f}% of the ceiling (each run against its "
+              f"own: {each}), peak RSS {m['peak_rss_mb']:.0f} MB")  # fmt: skip
+    result = {"rows": results, "medians": medians}
     print(f"written {save('iwae_eval', result)}")
 
 
