@@ -7,7 +7,7 @@ this CPU does in a plain matrix product of the same shapes and in a 1024^3
 product (the ceiling), both measured in this process.
 
     python benchmarks/bench_iwae_eval.py [--run runs/mnist-iwae50] [--limit 1000]
-        [--modes compiled,eager] [--repeats 1]
+        [--modes compiled,eager] [--repeats 1] [--name iwae_eval]
 
 With ``--repeats R`` the modes' runs are interleaved R times, each with its
 own ceiling measured right after it; the summary gives the medians (the
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5000)
     parser.add_argument("--modes", default="compiled", help="comma-separated: compiled, eager")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of each mode")
+    parser.add_argument("--name", default="iwae_eval", help="results/NAME.json (default iwae_eval)")
     args = parser.parse_args()
     modes = args.modes.split(",")
     for mode in modes:
@@ -119,7 +120,7 @@ def main() -> None:
               f"{100 * m['fraction_of_ceiling']:.0f}% of the ceiling (each run against its "
               f"own: {each}), peak RSS {m['peak_rss_mb']:.0f} MB")  # fmt: skip
     result = {"rows": results, "medians": medians}
-    print(f"written {save('iwae_eval', result)}")
+    print(f"written {save(args.name, result)}")
 
 
 if __name__ == "__main__":
