@@ -51,12 +51,14 @@ def cpu_model() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                 if line.startswith("model name")), platform.machine())  # fmt: skip
-    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines()
-                  if line.startswith("flags")), set())  # fmt: skip
+    fields: dict[str, str] = {}  # the first core's lines: every core reports the same
+    for line in info.splitlines():
+        key, colon, value = line.partition(":")
+        if colon:
+            fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
     vector = next((isa for isa in ("avx512f", "avx2", "avx") if isa in flags), "no avx")
-    return f"{name} ({vector})"
+    return f"{fields.get('model name', platform.machine())} ({vector})"
 
 
 def machine() -> dict:
