@@ -142,16 +142,18 @@ def test_without_torchrun_a_lost_peer_is_a_one_line_error(tmp_path):
     assert "a peer process died or did not answer" in err and len(err.strip().splitlines()) == 1
 
 
-def test_rbm_contrastive_updates_are_summed_over_two_processes(tmp_path):
+@pytest.mark.parametrize("sparse_kernels", [False, True])
+def test_rbm_contrastive_updates_are_summed_over_two_processes(tmp_path, sparse_kernels):
     from inference.contrastive import RBMConfig, train_rbm
 
-    args = ["--hidden", "12", "--method", "pcd", "--batch-size", "30", "--no-progress"]
+    args = ["--hidden", "12", "--method", "pcd", "--batch-size", "30", "--no-progress",
+            "--sparse-kernels" if sparse_kernels else "--no-sparse-kernels"]  # fmt: skip
     both = tmp_path / "torchrun"
     done = _torchrun("rbm", "train", "--epochs", "2", "--out", str(both), *args)
     assert done.returncode == 0, done.stderr[-2000:]
     one = tmp_path / "single"
     train_rbm(RBMConfig(hidden=12, method="pcd", batch_size=30, epochs=2), one, shards=2,
-              progress=False)  # fmt: skip
+              progress=False, sparse_kernels=sparse_kernels)  # fmt: skip
     a, b = (torch.load(r / "checkpoint.pt", weights_only=True) for r in (both, one))
     assert _same(a["model"], b["model"], atol=1e-5)
     assert torch.equal(a["hidden_chains"], b["hidden_chains"])  # every chain, gathered

@@ -1,5 +1,6 @@
 """RBM: energies against brute force, the exact-posterior guide, exact log Z, AIS bracket."""
 
+import functools
 import itertools
 import json
 import math
@@ -183,14 +184,55 @@ def test_training_update_is_the_contrastive_gradient_with_momentum_and_decay(met
     assert chains.shape == (5, 4) and ((chains == 0) | (chains == 1)).all()
 
 
-def test_rbm_training_improves_exact_likelihood_and_resumes_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, momentum, cd_steps", [("pcd", 0.0, 1), ("pcd", 0.5, 1),
+                                                       ("cd", 0.5, 2)])  # fmt: skip
+def test_sparse_kernels_give_the_dense_update(method, momentum, cd_steps):
+    """_cd_update through inference.kernels against torch's products, from the same state.
+
+    p(v|h) is a dense product in both, so with the same draws the two paths
+    see the same negative visibles and must agree to float rounding.
+    """
+    from inference.contrastive import RBMConfig, _cd_update
+    from ppl_models.rbm import BernoulliStream
+
+    torch.manual_seed(0)
+    start = RBM(50, 70).requires_grad_(False)  # 70: not a multiple of the kernels' 8-float vectors
+    with torch.no_grad():
+        start.W.normal_(0, 0.3)
+        start.b_h.normal_(0, 0.5)
+    config = RBMConfig(method=method, cd_steps=cd_steps, momentum=momentum, weight_decay=0.01)
+    data = (torch.rand(3, 12, 50) < 0.15).float()
+    chains0 = (torch.rand(12, 70) < 0.3).float()
+    results = []
+    for sparse in (False, True):
+        rbm = RBM(50, 70).requires_grad_(False)
+        rbm.load_state_dict(start.state_dict())
+        velocity = {name: torch.zeros_like(p) for name, p in rbm.named_parameters()}
+        chains, draw = chains0.clone(), BernoulliStream(1).sample
+        for v, lr in zip(data, (0.1, 0.05, 0.05), strict=True):
+            chains = _cd_update(rbm, v, chains, config, velocity, lr, draw, sparse)
+        results.append((rbm, chains))
+    (dense, dense_chains), (kernel, kernel_chains) = results
+    for name, p in dense.named_parameters():
+        torch.testing.assert_close(getattr(kernel, name), p, rtol=0, atol=2e-6)
+        assert not torch.equal(getattr(start, name), p), name  # the updates did move it
+    assert torch.equal(kernel_chains, dense_chains)
+
+
+@pytest.mark.parametrize("sparse_kernels", [None, True])
+def test_rbm_training_improves_exact_likelihood_and_resumes_exactly(
+    tmp_path, monkeypatch, sparse_kernels
+):
     import inference.contrastive as contrastive
     import inference.training as training
     from inference.runs import read_metrics
 
+    # Digits are 32% ones, above SPARSE_DENSITY: by default dense products, True forces the kernels.
     config = contrastive.RBMConfig(hidden=10, epochs=6, seed=3)  # linear lr decay over 6 epochs
-    full = contrastive.train_rbm(config, tmp_path / "full", progress=False)
+    train = functools.partial(contrastive.train_rbm, progress=False, sparse_kernels=sparse_kernels)
+    full = train(config, tmp_path / "full")
     rows = read_metrics(tmp_path / "full")
+    assert {r["products"] for r in rows} == {"sparse" if sparse_kernels else "dense"}
     assert rows[-1]["exact_log_likelihood"] > rows[0]["exact_log_likelihood"]
     # the updates alone, timed apart from the held-out metrics that the epoch's seconds include
     assert all(0 < r["update_seconds"] < r["seconds"] for r in rows)
@@ -204,9 +246,9 @@ def test_rbm_training_improves_exact_likelihood_and_resumes_exactly(tmp_path, mo
 
     monkeypatch.setattr(training, "save_checkpoint", interrupted_after_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        contrastive.train_rbm(config, tmp_path / "split", progress=False)
+        train(config, tmp_path / "split")
     monkeypatch.undo()
-    resumed = contrastive.train_rbm(config, tmp_path / "split", resume=True, progress=False)
+    resumed = train(config, tmp_path / "split", resume=True)
     assert all(
         torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters(), strict=True)
     )
@@ -221,7 +263,11 @@ def test_rbm_cli(tmp_path, capsys):
     run = str(tmp_path / "rbm")
     assert main(["rbm", "train", "--hidden", "8", "--epochs", "3", "--out", run,
                  "--no-progress"]) == 0  # fmt: skip
-    assert "exact log-likelihood" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "exact log-likelihood" in out and "; dense products;" in out  # digits: 32% ones
+    assert main(["rbm", "train", "--hidden", "8", "--epochs", "1", "--sparse-kernels",
+                 "--out", str(tmp_path / "kernels"), "--no-progress"]) == 0  # fmt: skip
+    assert "; sparse products;" in capsys.readouterr().out
     assert main(["rbm", "evaluate", run, "--chains", "50", "--betas", "500"]) == 0
     out = capsys.readouterr().out
     assert "exact" in out and "reverse AIS" in out and "bracket" in out

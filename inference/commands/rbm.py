@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from pathlib import Path
@@ -165,6 +166,10 @@ def add_parser(sub) -> None:
                    help="linear: decay to 0 over the epochs (default), or constant")  # fmt: skip
     p.add_argument("--train-limit", type=int, help="train on the first N training images")
     add_flags(p, "seed", seed=None, seed_shown=0)
+    p.add_argument("--sparse-kernels", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the products with a binary factor over its nonzeros, in C built on "
+                   "first use; default: when the data are at most 25%% ones and a C compiler "
+                   "works")  # fmt: skip
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out; a new --epochs also stretches the linear "
@@ -194,7 +199,8 @@ def add_parser(sub) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     config = config_from(args, RBMConfig())
-    last = train_from_args(train_rbm, config, args)
+    train = functools.partial(train_rbm, sparse_kernels=args.sparse_kernels)
+    last = train_from_args(train, config, args)
     if not last:  # another rank than 0 of a torchrun job
         return 0
     exact = last.get("exact_log_likelihood")
@@ -203,6 +209,7 @@ def run_train(args: argparse.Namespace) -> int:
         f"held-out reconstruction error {last['reconstruction_error']:.3f}, "
         f"pseudo-log-likelihood {last['pseudo_log_likelihood']:.3f}"
         + (f", exact log-likelihood {exact:.3f}" if exact is not None else "")
+        + (f"; {last['products']} products" if "products" in last else "")
         + f"; run in {args.out}"
     )
     return 0
