@@ -95,24 +95,33 @@ class RBMConfig(RunConfig):
 
 
 @torch.no_grad()
-def reconstruction_error(rbm: RBM, v: torch.Tensor) -> float:
-    """Mean squared error of p(v | h), h ~ p(h | v): one Gibbs step away from the data."""
-    h = sample_bernoulli(torch.sigmoid(rbm.hidden_logits(v)))
+def reconstruction_error(rbm: RBM, v: torch.Tensor, *, hidden: torch.Tensor | None = None) -> float:
+    """Mean squared error of p(v | h), h ~ p(h | v): one Gibbs step away from the data.
+
+    ``hidden``: the logits of p(h|v), b_h + v W, where already computed.
+    """
+    hidden = rbm.hidden_logits(v) if hidden is None else hidden
+    h = sample_bernoulli(torch.sigmoid(hidden))
     return float((torch.sigmoid(rbm.visible_logits(h)) - v).pow(2).sum(1).mean())
 
 
 @torch.no_grad()
-def pseudo_log_likelihood(rbm: RBM, v: torch.Tensor) -> float:
+def pseudo_log_likelihood(
+    rbm: RBM, v: torch.Tensor, *, hidden: torch.Tensor | None = None
+) -> float:
     """Stochastic pseudo-log-likelihood per datapoint: one random unit flipped per row.
 
     n_visible * log sigmoid(F(v_flipped) - F(v)), the estimator scikit-learn's
-    BernoulliRBM reports as ``score_samples``.
+    BernoulliRBM reports as ``score_samples``. Flipping unit i adds +-W_i to
+    the hidden logits, so both free energies come from one product v W
+    (``hidden``, b_h + v W, where already computed).
     """
+    hidden = rbm.hidden_logits(v) if hidden is None else hidden
     idx = torch.randint(v.shape[1], (v.shape[0],))
-    flipped = v.clone()
-    rows = torch.arange(v.shape[0])
-    flipped[rows, idx] = 1 - flipped[rows, idx]
-    gap = rbm.free_energy(flipped) - rbm.free_energy(v)
+    sign = 1 - 2 * v[torch.arange(v.shape[0]), idx]  # +1 where the flip turns the unit on
+    flipped = torch.addcmul(hidden, sign[:, None], rbm.W[idx])
+    softplus = torch.nn.functional.softplus
+    gap = softplus(hidden).sum(-1) - softplus(flipped).sum(-1) - sign * rbm.b_v[idx]
     return float(rbm.n_visible * torch.nn.functional.logsigmoid(gap).mean())
 
 
@@ -305,7 +314,7 @@ def train_rbm(
     torch.manual_seed(config.seed)
     dataset = load_dataset(config.data, path=config.data_path)
     x_train = dataset.split("train")[: config.train_limit]
-    x_heldout = dataset.split(dataset.heldout_split)
+    x_heldout = dataset.split(dataset.heldout_split).contiguous()
     rbm = RBM(dataset.x_dim, config.hidden).requires_grad_(False)
     # Filled in place, so that the closures below see what a resume restores.
     run = {
@@ -357,10 +366,11 @@ def train_rbm(
             check_finite(param, out, index, f"the RBM's {name} is not finite")
         if not world.is_main:  # rank 0 alone measures and writes
             return {}
+        hidden = _hidden_input(rbm, x_heldout, sparse)  # shared by both metrics
         row = {
             "method": f"{config.method}-{config.cd_steps}",
-            "reconstruction_error": reconstruction_error(rbm, x_heldout),
-            "pseudo_log_likelihood": pseudo_log_likelihood(rbm, x_heldout),
+            "reconstruction_error": reconstruction_error(rbm, x_heldout, hidden=hidden),
+            "pseudo_log_likelihood": pseudo_log_likelihood(rbm, x_heldout, hidden=hidden),
             "update_seconds": updates,  # the epoch's updates alone, without these metrics
             "products": "sparse" if sparse else "dense",
         }

@@ -327,3 +327,26 @@ def test_bernoulli_stream_draws_the_requested_probabilities_and_checkpoints_exac
     assert not torch.equal(BernoulliStream(6).sample(torch.full((1000,), 0.5)), first)
     assert torch.equal(BernoulliStream(6).sample(torch.full((1000,), 0.5)),
                        BernoulliStream(6).sample(torch.full((1000,), 0.5)))  # fmt: skip
+
+
+def test_pseudo_log_likelihood_is_the_flipped_free_energy_gap():
+    """One product for both free energies (hidden logits +- a row of W) against flipping v."""
+    from inference.contrastive import pseudo_log_likelihood, reconstruction_error
+
+    rbm = random_rbm(12, 7, seed=2).requires_grad_(False)
+    v = torch.bernoulli(torch.full((40, 12), 0.3, dtype=torch.float64))
+    torch.manual_seed(5)
+    fast = pseudo_log_likelihood(rbm, v)
+    torch.manual_seed(5)
+    idx = torch.randint(12, (40,))
+    flipped = v.clone()
+    flipped[torch.arange(40), idx] = 1 - flipped[torch.arange(40), idx]
+    gap = rbm.free_energy(flipped) - rbm.free_energy(v)
+    expected = 12 * torch.nn.functional.logsigmoid(gap).mean()
+    assert fast == pytest.approx(float(expected), abs=1e-12)
+    hidden = rbm.hidden_logits(v)
+    for metric in (pseudo_log_likelihood, reconstruction_error):
+        torch.manual_seed(6)
+        given = metric(rbm, v, hidden=hidden)
+        torch.manual_seed(6)
+        assert given == metric(rbm, v)
