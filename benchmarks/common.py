@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from inference.kernels import cpu_fields
 from inference.runs import TrainConfig, build, save_checkpoint, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,15 +48,9 @@ def cpu_model() -> str:
     AVX2 alone, while elementwise work gains less, so a fraction of the
     ceiling measured on one does not carry over to the other.
     """
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    fields = cpu_fields()
+    if not fields:
         return platform.processor() or platform.machine()
-    fields: dict[str, str] = {}  # the first core's lines: every core reports the same
-    for line in info.splitlines():
-        key, colon, value = line.partition(":")
-        if colon:
-            fields.setdefault(key.strip(), value.strip())
     flags = set(fields.get("flags", "").split())
     vector = next((isa for isa in ("avx512f", "avx2", "avx") if isa in flags), "no avx")
     return f"{fields.get('model name', platform.machine())} ({vector})"

@@ -400,10 +400,11 @@ def _use_sparse_kernels(request: bool | None, x_train: torch.Tensor, rbm: RBM) -
         sparse = bool(x_train.numel()) and float(x_train.mean()) <= SPARSE_DENSITY
         if not sparse or rbm.W.dtype != torch.float32:
             return False
-        if not kernels.available():
-            warnings.warn(f"elbolab: sparse kernels unavailable ({kernels.unavailable_reason()}); "
-                          "using dense products", RuntimeWarning, stacklevel=3)  # fmt: skip
-        return kernels.available()
+        if kernels.available():
+            return True
+        warnings.warn(f"elbolab: sparse kernels unavailable ({kernels.unavailable_reason()}); "
+                      "using dense products", RuntimeWarning, stacklevel=3)  # fmt: skip
+        return False
     if rbm.W.dtype != torch.float32:
         raise RunError(f"sparse kernels requested, but the RBM is {rbm.W.dtype}, not float32")
     if not kernels.available():

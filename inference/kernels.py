@@ -41,18 +41,26 @@ _reason: str | None = None
 _loaded = False
 
 
-def _cpu_signature() -> str:
-    """The CPU model and flags, where the OS gives them (-march=native depends on them)."""
+def cpu_fields() -> dict[str, str]:
+    """The first core's fields of /proc/cpuinfo (every core reports the same); empty elsewhere."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or platform.machine()
-    fields = {}
+        return {}
+    fields: dict[str, str] = {}
     for line in text.splitlines():
-        key, _, value = line.partition(":")
         if not line.strip():
-            break  # the first core's fields
+            break
+        key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _cpu_signature() -> str:
+    """The CPU model and flags, where the OS gives them (-march=native depends on them)."""
+    fields = cpu_fields()
+    if not fields:
+        return platform.processor() or platform.machine()
     return " ".join(fields.get(key, "") for key in ("model name", "flags", "Features"))
 
 
