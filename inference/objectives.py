@@ -1,4 +1,4 @@
-r"""Training objectives that work on any reparameterisable model/guide pair.
+r"""Training objectives that work on any model/guide pair.
 
 Each objective follows Pyro's ELBO interface (``loss`` and
 ``differentiable_loss(model, guide, *args, **kwargs)``) and returns the
@@ -11,6 +11,20 @@ wrong for local latents: pyro-ppl issues #2321, #3104).
 Value and gradient come from one expression: the returned tensor's value is
 the bound, and ``surrogate - surrogate.detach()`` adds the estimator's
 gradient without changing the value.
+
+Guide sites that are not reparameterised (discrete draws: ``Categorical``,
+``OneHotCategorical``, ``Bernoulli``) get score-function terms, each
+particle's with a leave-one-out baseline: for the ELBO the mean log weight
+of the other particles, for the IWAE bound VIMCO's (Mnih & Rezende 2016).
+
+With ``plate=None`` the weights are joint over everything the model scores.
+Under subsampling (a plate scale N/B) the ELBO then scales each site's log
+density, which keeps it unbiased for the full-data ELBO; the IWAE bound of a
+minibatch is no such estimate and is refused.
+
+References
+----------
+Mnih & Rezende (2016), Variational inference for Monte Carlo objectives, ICML.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from .bounds import logsumexp
+from .inspection import PairError, non_reparameterised_sites, refuse_joint_log_mean
 from .tracing import (
     Layout,
     dry_traces,
@@ -31,7 +46,6 @@ from .tracing import (
     latent_values,
     log_density,
     plate_nesting,
-    sample_sites,
     subsample_values,
     trace_guide,
     weighted_sample,
@@ -53,12 +67,6 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.holder["factor"], None
 
 
-def _has_trainable_inputs(fn) -> bool:
-    while hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in vars(fn).values())
-
-
 class LogWeightObjective:
     """Base class: negative bound from vectorised log weights, per datapoint then scaled.
 
@@ -71,41 +79,54 @@ class LogWeightObjective:
     """
 
     name = "base"
+    joint_log_mean = True  # the bound takes a log-mean of weights (refused on joint minibatches)
 
-    def __init__(self, *, num_particles: int = 1, plate: str = "data") -> None:
+    def __init__(self, *, num_particles: int = 1, plate: str | None = "data") -> None:
         if num_particles < 1:
             raise ValueError(f"num_particles must be >= 1, got {num_particles}")
         self.num_particles = int(num_particles)
         self.plate = plate
         self._nesting: int | None = None
+        self._vectorised = True
 
     def _layout(self, model, guide, args, kwargs) -> Layout:
         if self._nesting is None:
             self._nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-        return Layout(self.num_particles, self._nesting, self.plate)
+        scaled = self.plate is None and not self.joint_log_mean
+        return Layout(self.num_particles, self._nesting, self.plate, vectorised=self._vectorised,
+                      scaled=scaled)  # fmt: skip
 
-    @staticmethod
-    def _check_reparam(guide_trace) -> None:
-        # Every guide site is a latent, also in a conditioned trace where Pyro marks it observed.
-        # A site whose distribution has no trainable parameters (a fixed corruption) needs no
-        # score-function term: its sampling distribution does not move with the parameters.
-        for site in sample_sites(guide_trace):
-            if not site["fn"].has_rsample and _has_trainable_inputs(site["fn"]):
-                raise ValueError(
-                    f"guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
-                    "reparameterisable; use the 'trace-elbo' objective for such guides"
-                )
+    def _sample(self, model, guide, args, kwargs, layout: Layout, **options):
+        sample = weighted_sample(model, guide, args, kwargs, layout, **options)
+        self._vectorised = layout.vectorised
+        if self.plate is None and self.joint_log_mean:
+            refuse_joint_log_mean(sample.guide_trace, sample.model_trace,
+                                  f"{self.name.upper()} objective's weights")  # fmt: skip
+        return sample
+
+    def _scale(self, sample) -> float | torch.Tensor:
+        return 1.0 if sample.layout.scaled else sample.scale()
 
     def bound(self, log_w: torch.Tensor) -> torch.Tensor:
         """Per-datapoint bound from (K, N) log weights."""
         raise NotImplementedError
 
+    def score_signal(self, log_w: torch.Tensor) -> torch.Tensor:
+        """Each particle's learning signal less its baseline, (K, N), for score terms."""
+        raise NotImplementedError
+
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
         """Minus the bound, summed over datapoints and multiplied by the plate scale."""
         layout = self._layout(model, guide, args, kwargs)
-        sample = weighted_sample(model, guide, args, kwargs, layout)
-        self._check_reparam(sample.guide_trace)
-        return -sample.scale() * self.bound(sample.log_w).sum()
+        sample = self._sample(model, guide, args, kwargs, layout)
+        bound = self.bound(sample.log_w)
+        discrete = non_reparameterised_sites(sample.guide_trace)
+        if discrete:
+            # sum_k signal_k * grad log q(z_k) for the draws that carry no path gradient
+            log_q = sample.guide_log_density(set(discrete))
+            surrogate = (self.score_signal(sample.log_w.detach()) * log_q).sum(0)
+            bound = bound + (surrogate - surrogate.detach())
+        return -self._scale(sample) * bound.sum()
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         # Not under no_grad: the reparameterisation check must see trainable inputs.
@@ -113,6 +134,12 @@ class LogWeightObjective:
 
     def __call__(self, model, guide, *args, **kwargs):
         return self.differentiable_loss(model, guide, *args, **kwargs)
+
+
+def _leave_one_out_mean(log_w: torch.Tensor) -> torch.Tensor:
+    """mean_{j != k} log w_j for each k (K >= 2), along dim 0."""
+    k = log_w.shape[0]
+    return (log_w.sum(0, keepdim=True) - log_w) / (k - 1)
 
 
 class ELBO(LogWeightObjective):
@@ -123,9 +150,15 @@ class ELBO(LogWeightObjective):
     """
 
     name = "elbo"
+    joint_log_mean = False
 
     def bound(self, log_w: torch.Tensor) -> torch.Tensor:
         return log_w.mean(0)
+
+    def score_signal(self, log_w: torch.Tensor) -> torch.Tensor:
+        k = log_w.shape[0]
+        baseline = _leave_one_out_mean(log_w) if k > 1 else torch.zeros_like(log_w)
+        return (log_w - baseline) / k
 
 
 class IWAE(LogWeightObjective):
@@ -140,6 +173,22 @@ class IWAE(LogWeightObjective):
 
     def bound(self, log_w: torch.Tensor) -> torch.Tensor:
         return logsumexp(log_w, 0) - math.log(log_w.shape[0])
+
+    def score_signal(self, log_w: torch.Tensor) -> torch.Tensor:
+        r"""VIMCO: L - L_{-k}, with log w_k replaced by the mean of the others' in L_{-k}.
+
+        L_{-k} = log (1/K) [sum_{j != k} w_j + exp(mean_{j != k} log w_j)], which does
+        not depend on z_k, so the estimator stays unbiased (Mnih & Rezende 2016, eq. 9).
+        """
+        k = log_w.shape[0]
+        bound = self.bound(log_w)
+        if k == 1:
+            return bound.expand_as(log_w)
+        eye = torch.eye(k, dtype=torch.bool, device=log_w.device).reshape(
+            (k, k) + (1,) * (log_w.dim() - 1)
+        )
+        swapped = torch.where(eye, _leave_one_out_mean(log_w).unsqueeze(1), log_w.unsqueeze(0))
+        return bound - (logsumexp(swapped, 1) - math.log(k))
 
 
 class DReG(IWAE):
@@ -165,7 +214,7 @@ class DReG(IWAE):
 
     name = "dreg"
 
-    def __init__(self, *, num_particles: int = 1, plate: str = "data") -> None:
+    def __init__(self, *, num_particles: int = 1, plate: str | None = "data") -> None:
         super().__init__(num_particles=num_particles, plate=plate)
         self._one_latent = False
 
@@ -180,17 +229,35 @@ class DReG(IWAE):
         layout = self._layout(model, guide, args, kwargs)
         if self._one_latent:
             draw = _DrawScaled()
-            sample = weighted_sample(model, guide, args, kwargs, layout, draw=draw)
+            sample = self._sample(model, guide, args, kwargs, layout, draw=draw)
             factors = draw.factors
         else:
-            first = trace_guide(guide, args, kwargs, layout)
+            try:
+                first = trace_guide(guide, args, kwargs, layout)
+            except PairError:
+                raise
+            except Exception as err:
+                raise PairError(
+                    f"the guide fails with a leading particle dimension ({type(err).__name__}: "
+                    f"{err}); DReG replays vectorised draws: use the 'iwae' objective, which "
+                    "evaluates such a pair one particle at a time"
+                ) from err
             drawn, subsamples = latent_values(first), subsample_values(first)
             factors = {name: {} for name in drawn}
             scaled = {name: _ScaleGrad.apply(v, factors[name]) for name, v in drawn.items()}
-            sample = weighted_sample(
-                model, guide, args, kwargs, layout, values={**subsamples, **scaled}
+            sample = self._sample(model, guide, args, kwargs, layout,
+                                  values={**subsamples, **scaled})  # fmt: skip
+        discrete = non_reparameterised_sites(sample.guide_trace)
+        if discrete or not layout.vectorised:
+            why = (
+                f"guide site {discrete[0]!r} is not reparameterised"
+                if discrete
+                else "the pair does not broadcast over a leading particle dimension"
             )
-        self._check_reparam(sample.guide_trace)
+            raise PairError(
+                f"{why}: DReG's gradient needs reparameterised draws in one vectorised pass; "
+                "use the 'iwae' objective (score-function terms with VIMCO's baselines)"
+            )
         values = latent_values(sample.guide_trace)
         detached = {**subsample_values(sample.guide_trace),
                     **{name: v.detach() for name, v in values.items()}}  # fmt: skip
@@ -206,7 +273,7 @@ class DReG(IWAE):
         log_w_path = log_w + (log_q_fixed - log_q_fixed.detach())
         bound = self.bound(log_w)
         surrogate = (wbar * log_w_path).sum(0)
-        return -sample.scale() * (bound.detach() + surrogate - surrogate.detach()).sum()
+        return -self._scale(sample) * (bound.detach() + surrogate - surrogate.detach()).sum()
 
 
 class _DrawScaled(Messenger):
@@ -250,7 +317,7 @@ class _PyroELBO:
     __call__ = differentiable_loss
 
 
-def make_objective(name: str, *, num_particles: int = 1):
+def make_objective(name: str, *, num_particles: int = 1, plate: str | None = "data"):
     """The training objective called ``name``.
 
     Parameters
@@ -264,6 +331,10 @@ def make_objective(name: str, *, num_particles: int = 1):
         guides that cannot be reparameterised).
     num_particles : int
         K, particles per datapoint.
+    plate : str or None
+        The data plate; None for a model with global latents (joint weights:
+        the ELBO scales each site by its plate's N/B, the IWAE objectives need
+        the full data). Pyro's own ELBOs need no plate.
 
     Returns
     -------
@@ -271,11 +342,11 @@ def make_objective(name: str, *, num_particles: int = 1):
         With ``loss`` and ``differentiable_loss(model, guide, *args, **kwargs)``.
     """
     if name == "elbo":
-        return ELBO(num_particles=num_particles)
+        return ELBO(num_particles=num_particles, plate=plate)
     if name == "iwae":
-        return IWAE(num_particles=num_particles)
+        return IWAE(num_particles=num_particles, plate=plate)
     if name == "dreg":
-        return DReG(num_particles=num_particles)
+        return DReG(num_particles=num_particles, plate=plate)
     if name == "meanfield":
         return _PyroELBO(TraceMeanField_ELBO, name, num_particles=num_particles)
     if name == "trace-elbo":

@@ -21,16 +21,19 @@ by the scale afterwards, never inside a logsumexp.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.kl import kl_divergence
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
+
+from .inspection import PairError, check_guide_density, refuse_joint_log_mean
 
 PARTICLE_PLATE = "_elbolab_particles"
 
@@ -72,7 +75,12 @@ def dry_traces(model: Callable, guide: Callable, args, kwargs) -> tuple:
 
 
 def plate_nesting(*traces) -> int:
-    """How many vectorised plates the sites of ``traces`` nest."""
+    """How many batch dims the sites of ``traces`` nest: their vectorised plates, and more.
+
+    A model may carry a batch in its sample shapes without a plate (Pyro's
+    eight-schools MCMC example draws ``eta`` of batch shape (8,) outside any
+    plate): the particle plate must sit to the left of those dims too.
+    """
     dims = [
         -frame.dim
         for trace in traces
@@ -80,7 +88,8 @@ def plate_nesting(*traces) -> int:
         for frame in site["cond_indep_stack"]
         if frame.vectorized and frame.dim is not None
     ]
-    return max(dims, default=0)
+    batch = [len(site["fn"].batch_shape) for trace in traces for site in sample_sites(trace)]
+    return max(dims + batch, default=0)
 
 
 def guess_max_plate_nesting(model: Callable, guide: Callable, args, kwargs) -> int:
@@ -152,33 +161,6 @@ def _replayed(fn: Callable, values: dict[str, torch.Tensor]) -> Callable:
     return replayed
 
 
-def _point_mass(fn) -> bool:
-    while hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return isinstance(fn, dist.Delta)
-
-
-def check_guide_density(guide_trace) -> None:
-    """Refuse a guide whose draws have no density, so that no bound is claimed from it.
-
-    A ``Delta`` site (Pyro's ``AutoDelta``, a MAP guide) puts all its mass on
-    one point: log q is not a log density and log p(x, z*) is not a bound on
-    log p(x). Delta sites are fine when they transform an auxiliary draw
-    (``infer={"is_auxiliary": True}``, as Pyro's ``AutoContinuous`` guides
-    do): their ``log_density`` carries the Jacobian.
-    """
-    sites = list(sample_sites(guide_trace))
-    if any(s["infer"].get("is_auxiliary") for s in sites):
-        return
-    for site in sites:
-        if _point_mass(site["fn"]):
-            raise ValueError(
-                f"guide site {site['name']!r} is a point mass (Delta): the guide has no density, "
-                "so log p(x, z) - log q(z | x) is no importance weight and gives no bound on "
-                "log p(x); use a guide that samples from a distribution (e.g. AutoNormal)"
-            )
-
-
 @dataclass
 class Layout:
     """Where the particle and data dimensions sit in every site's batch shape."""
@@ -187,7 +169,9 @@ class Layout:
     max_plate_nesting: int
     plate: str | None
     plate_dim: int | None = None  # negative batch dim of the data plate, once found
-    plate_size: int | None = None
+    plate_size: int | None = None  # None until found (a plate without a size: from a site)
+    vectorised: bool = True  # False: no particle plate, one particle per pass
+    scaled: bool = False  # each site's log density times its scale (joint weights only)
 
     @property
     def rank(self) -> int:
@@ -208,22 +192,26 @@ class Layout:
                 for frame in site["cond_indep_stack"]:
                     if frame.name == self.plate:
                         if frame.dim is None:
-                            raise ValueError(
+                            raise PairError(
                                 f"plate {self.plate!r} is sequential; per-datapoint weights "
                                 "need a vectorised plate"
                             )
-                        self.plate_dim, self.plate_size = frame.dim, frame.size
+                        # pyro.plate("data") without a size: Pyro infers it, and so do we
+                        size = frame.size if frame.size is not None and frame.size > 0 else None
+                        self.plate_dim, self.plate_size = frame.dim, size
                         return
 
     def reduce(self, site: dict, log_prob: torch.Tensor) -> torch.Tensor:
         """Sum a site's log density over every batch dim but particles (and data plate)."""
         mask = site["mask"]
+        if self.scaled and site["scale"] is not None:
+            log_prob = log_prob * site["scale"]
         if mask is False:
             log_prob = torch.zeros_like(log_prob)
         elif isinstance(mask, torch.Tensor):
             log_prob = torch.where(mask, log_prob, torch.zeros_like(log_prob))
         if log_prob.dim() > self.rank:
-            raise ValueError(
+            raise PairError(
                 f"site {site['name']!r} has batch shape {tuple(log_prob.shape)} with more dims "
                 f"than its {self.max_plate_nesting} plate(s)"
             )
@@ -231,11 +219,13 @@ class Layout:
         if self.plate_dim is None:
             return log_prob.sum(tuple(range(1, self.rank))).expand(self.shape)
         if not any(f.name == self.plate for f in site["cond_indep_stack"]):
-            raise ValueError(
+            raise PairError(
                 f"site {site['name']!r} lies outside plate {self.plate!r}: per-datapoint log "
                 "weights need every sample site inside it (pass plate=None for joint weights)"
             )
         keep = self.rank + self.plate_dim
+        if self.plate_size is None:
+            self.plate_size = log_prob.shape[keep]
         others = tuple(d for d in range(1, self.rank) if d != keep)
         if others:
             log_prob = log_prob.sum(others, keepdim=True)
@@ -258,12 +248,21 @@ class WeightedSample:
     log_p: torch.Tensor  # (K, N) or (K,)
     log_q: torch.Tensor
     layout: Layout
-    guide_trace: object
+    guide_trace: object  # the last particle's, where they were evaluated one at a time
     model_trace: object
+    guide_traces: list | None = None  # one per particle, where they were evaluated one at a time
 
     @property
     def log_w(self) -> torch.Tensor:
         return self.log_p - self.log_q
+
+    def guide_log_density(self, only, *, scaled: bool = False) -> torch.Tensor:
+        """log q of the guide sites named in ``only``, (K, N), without plate scales unless asked."""
+        layout = dataclasses.replace(self.layout, scaled=scaled)
+        if self.guide_traces is None:
+            return log_density(self.guide_trace, layout, only=only)
+        layout.num_particles = 1
+        return torch.cat([log_density(t, layout, only=only) for t in self.guide_traces])
 
     def scale(self) -> float | torch.Tensor:
         """The one scale (e.g. N/B from subsampling) shared by every scored site."""
@@ -273,7 +272,7 @@ class WeightedSample:
             for s in sample_sites(t)
         }
         if len(scales) > 1:
-            raise ValueError(
+            raise PairError(
                 f"sites carry different scales {sorted(scales)}; a per-datapoint bound needs "
                 "one scale for the whole model and guide"
             )
@@ -283,7 +282,7 @@ class WeightedSample:
 def trace_guide(guide: Callable, args, kwargs, layout: Layout, *, values=None):
     """Trace the guide under the particle plate; its sites replayed from ``values`` when given."""
     guided = guide if values is None else _replayed(guide, values)
-    with pyro.plate(PARTICLE_PLATE, layout.num_particles, dim=-layout.rank):
+    with _particles(layout):
         trace = poutine.trace(guided).get_trace(*args, **kwargs)
     if layout.plate_dim is None:
         layout.find_plate(trace)
@@ -298,16 +297,34 @@ def trace_model(model: Callable, args, kwargs, layout: Layout, *, values, free=(
     model instead (for example auxiliary sites drawn from a reverse model);
     any other latent site missing from ``values`` is an error.
     """
-    with pyro.plate(PARTICLE_PLATE, layout.num_particles, dim=-layout.rank):
+    with _particles(layout):
         trace = poutine.trace(_replayed(model, values)).get_trace(*args, **kwargs)
     if layout.plate_dim is None:
         layout.find_plate(trace)
     for site in sample_sites(trace):
         if not site["is_observed"] and site["name"] not in values and site["name"] not in free:
-            raise ValueError(
-                f"model site {site['name']!r} is latent but the guide does not sample it"
-            )
+            raise PairError(_unsampled(site))
     return trace
+
+
+def _unsampled(site: dict) -> str:
+    name = site["name"]
+    if site["infer"].get("enumerate") is not None:
+        return (
+            f"model site {name!r} is marked for enumeration (config_enumerate): elbolab does not "
+            "sum enumerated sites out of its weights yet; sample it in the guide (for a "
+            "discrete site, e.g. a Categorical from an encoder) or marginalise it in the model"
+        )
+    return (
+        f"model site {name!r} is latent but the guide does not sample it; every latent of the "
+        "model needs a draw from the guide (or condition the model on it)"
+    )
+
+
+def _particles(layout: Layout):
+    if not layout.vectorised:
+        return contextlib.nullcontext()
+    return pyro.plate(PARTICLE_PLATE, layout.num_particles, dim=-layout.rank)
 
 
 def log_density(trace, layout: Layout, *, only=None, exclude=()) -> torch.Tensor:
@@ -356,10 +373,45 @@ def weighted_sample(
     With ``values`` (latents and subsample indices), the guide's sites are
     replayed from them instead of sampled. ``draw``, a messenger entered
     around the guide's particle plate, may draw the latents itself.
+
+    A pair that cannot run with an extra leading particle dimension (a
+    network written for one sample: ``torch.cat([xs, ys], dim=1)`` where
+    ``ys`` carries particles) is evaluated one particle at a time, as Pyro's
+    ``Trace_ELBO`` does without ``vectorize_particles``: ``layout.vectorised``
+    is then False (for the caller's later calls) and a warning says so.
+    The weights are those of the same draws; the traces kept are the last
+    particle's.
     """
+    if not layout.vectorised:
+        return _looped_sample(model, guide, args, kwargs, layout, values=values, draw=draw)
+    try:
+        return _one_pass(model, guide, args, kwargs, layout, values=values, draw=draw)
+    except PairError:
+        raise
+    except Exception as err:  # the pair's own code failed: does it run without particles?
+        vectorised_error = err
+    layout.vectorised = False
+    try:
+        sample = _looped_sample(model, guide, args, kwargs, layout, values=values, draw=draw)
+    except PairError:
+        raise
+    except Exception:
+        layout.vectorised = True
+        raise vectorised_error from None
+    warnings.warn(
+        "the model/guide pair does not broadcast over a leading particle dimension "
+        f"({type(vectorised_error).__name__}: {str(vectorised_error).splitlines()[0][:200]}): "
+        "its particles are evaluated one at a time (slower, the same estimates)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return sample
+
+
+def _one_pass(model, guide, args, kwargs, layout: Layout, *, values=None, draw=None):
     with draw or contextlib.nullcontext():
         guide_trace = trace_guide(guide, args, kwargs, layout, values=values)
-    check_guide_density(guide_trace)
+    check_guide_density(guide_trace, guide, args, kwargs)
     model_trace = trace_model(model, args, kwargs, layout, values=replay_values(guide_trace))
     return WeightedSample(
         log_density(model_trace, layout),
@@ -368,6 +420,29 @@ def weighted_sample(
         guide_trace,
         model_trace,
     )
+
+
+def _looped_sample(model, guide, args, kwargs, layout: Layout, *, values=None, draw=None):
+    """K passes of one particle each, without the particle plate; (K, N) log densities."""
+    log_p, log_q, traces, sample = [], [], [], None
+    for _ in range(layout.num_particles):
+        single = Layout(1, layout.max_plate_nesting, layout.plate, vectorised=False,
+                        scaled=layout.scaled)  # fmt: skip
+        sample = _one_pass(model, guide, args, kwargs, single, values=values, draw=draw)
+        replayed = set(values or ()) & set(latent_values(sample.guide_trace))
+        if replayed:
+            raise PairError(
+                f"guide site {sorted(replayed)[0]!r}: the pair does not broadcast over a leading "
+                "particle dimension, and this estimator replays vectorised draws into it; "
+                "write the networks to broadcast over leading dims (e.g. torch.cat(..., dim=-1))"
+            )
+        log_p.append(sample.log_p)
+        log_q.append(sample.log_q)
+        traces.append(sample.guide_trace)
+        values = {**subsample_values(sample.guide_trace), **(values or {})}  # one minibatch
+    layout.plate_dim, layout.plate_size = sample.layout.plate_dim, sample.layout.plate_size
+    return WeightedSample(torch.cat(log_p), torch.cat(log_q), layout, sample.guide_trace,
+                          sample.model_trace, traces)  # fmt: skip
 
 
 def log_importance_weights(
@@ -429,13 +504,16 @@ def log_importance_weights(
             nesting, minibatch = max_plate_nesting, None
         else:
             nesting, minibatch = dry_run(model, guide, args, kwargs)
-        chunks = []
+        chunks, vectorised = [], True
         for start in range(0, num_particles, chunk_size):
             size = min(chunk_size, num_particles - start)
-            layout = Layout(size, nesting, plate)
-            chunk = weighted_sample(model, guide, args, kwargs, layout, values=minibatch).log_w
-            assert chunk.shape[0] == size
-            chunks.append(chunk)
+            layout = Layout(size, nesting, plate, vectorised=vectorised)
+            sample = weighted_sample(model, guide, args, kwargs, layout, values=minibatch)
+            if plate is None:
+                refuse_joint_log_mean(sample.guide_trace, sample.model_trace, "log weights")
+            vectorised = layout.vectorised
+            assert sample.log_w.shape[0] == size
+            chunks.append(sample.log_w)
     return torch.cat(chunks, 0)
 
 
