@@ -52,17 +52,22 @@ from tqdm.auto import tqdm
 from . import distributed
 from .bounds import Bound, iwae_bound, log_mean_weight_stderr, logsumexp
 from .distributed import World
+from .inspection import PairError, check_guide_density, is_point_mass, refuse_joint_log_mean
 from .tracing import (
     Layout,
-    dry_run,
+    dry_traces,
     log_density,
+    plate_nesting,
+    replay_values,
     sample_sites,
+    subsample_values,
     trace_guide,
     trace_model,
 )
 
 SCHEDULES = ("sigmoid", "linear")
 INITIALS = ("guide", "prior")
+MIN_ACCEPTANCE = 0.05  # below it, AIS warns that its chains did not move
 COMPILE_MIN_EVALUATIONS = 5000  # temperatures x leapfrog steps (see worth_compiling)
 
 
@@ -143,31 +148,53 @@ class _Path:
         self.shapes: list[torch.Size] | None = None
         self.fallback: str | None = None
         self.compile_seconds = 0.0
+        self.transforms = False  # the chains move auxiliary draws (see start)
 
     def start(self) -> dict[str, torch.Tensor]:
-        """Draws from the initial distribution (guide or prior), with their sites checked."""
+        """Draws from the initial distribution (guide or prior), with their sites checked.
+
+        From a guide whose latents are transforms of auxiliary draws (Pyro's
+        ``AutoNormal``, ``AutoDiagonalNormal``, ``AutoMultivariateNormal``:
+        each latent a ``Delta`` at T(u) carrying log |det dT^-1/dz|), the
+        chains move the auxiliary u: the target is p(x, T(u)) |det dT/du|,
+        so the weights p/q are those of the latents, and u lives on R^d.
+        """
         if self.initial == "guide":
             trace = trace_guide(
                 self.guide, self.args, self.kwargs, self.layout, values=self.minibatch
             )
+            check_guide_density(trace, self.guide, self.args, self.kwargs)
+            sites = [s for s in sample_sites(trace) if not is_point_mass(s["fn"])]
+            self.transforms = len(sites) < len(list(sample_sites(trace)))
         else:
             trace = trace_model(self.model, self.args, self.kwargs, self.layout,
                                 values=self.minibatch, free=_all_sites)  # fmt: skip
-        self.sites = {s["name"]: s for s in sample_sites(trace) if not s["is_observed"]}
+            sites = [s for s in sample_sites(trace) if not s["is_observed"]]
+            self.transforms = False
+        self.sites = {s["name"]: s for s in sites}
         for site in self.sites.values():
             support = site["fn"].support
             while isinstance(support, constraints.independent):
                 support = support.base_constraint
             if support is not constraints.real:
-                raise ValueError(
+                raise PairError(
                     f"AIS with HMC needs latents with real support; site {site['name']!r} has "
-                    f"{support} (reparameterise it to an unconstrained variable)"
+                    f"{support} (reparameterise it to an unconstrained variable, or anneal from "
+                    "an AutoNormal guide, whose chains move in unconstrained space)"
                 )
         return {name: s["value"].detach() for name, s in self.sites.items()}
 
     def log_parts(self, values) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p(x, z) and log f_0(z) (guide or prior), each (chains, N)."""
+        """log p(x, z) (times the Jacobian, from auxiliary draws) and log f_0, each (chains, N)."""
         replay = {**self.minibatch, **values}
+        if self.transforms:
+            guide_trace = trace_guide(self.guide, self.args, self.kwargs, self.layout,
+                                      values=replay)  # fmt: skip
+            model_trace = trace_model(self.model, self.args, self.kwargs, self.layout,
+                                      values=replay_values(guide_trace))  # fmt: skip
+            jacobian = log_density(guide_trace, self.layout, exclude=set(values))
+            return (log_density(model_trace, self.layout) - jacobian,
+                    log_density(guide_trace, self.layout, only=set(values)))  # fmt: skip
         model_trace = trace_model(self.model, self.args, self.kwargs, self.layout, values=replay)
         log_p = log_density(model_trace, self.layout)
         if self.initial == "prior":
@@ -432,12 +459,24 @@ def annealed_log_marginal(
         compile=compile,
     )  # fmt: skip
     bound = iwae_bound(log_w)
+    moved = float(acceptance.mean())
+    if num_temperatures > 1 and moved < MIN_ACCEPTANCE:
+        warnings.warn(
+            f"AIS: HMC accepted {moved:.1%} of its proposals: the chains barely moved, and the "
+            "estimate is little more than importance sampling from the initial distribution; "
+            "try a smaller step size or more leapfrog steps",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return AISEstimate(bound.value, bound.stderr, log_w, acceptance, step,
                        compiled=path.compiled is not None)  # fmt: skip
 
 
 def _make_path(model, guide, args, kwargs, num_chains, plate, initial) -> _Path:
-    nesting, minibatch = dry_run(model, guide, args, kwargs)
+    guide_trace, model_trace = dry_traces(model, guide, args, kwargs)
+    if plate is None:
+        refuse_joint_log_mean(guide_trace, model_trace, "AIS weights")
+    nesting, minibatch = plate_nesting(guide_trace, model_trace), subsample_values(guide_trace)
     layout = Layout(num_chains, nesting, plate)
     return _Path(model, guide, args, kwargs, layout, minibatch, initial)
 
@@ -521,9 +560,16 @@ def bdmc(
         target_accept=target_accept, progress=progress,
         compile=worth_compiling(num_temperatures, leapfrog_steps) if compile is None else compile,
     )  # fmt: skip
-    lower = annealed_log_marginal(model, guide, x_sim, **settings, **kwargs)
     path = _make_path(model, guide, (x_sim,), kwargs, num_chains, plate, initial)
-    path.start()  # the sites and their shapes
+    with torch.random.fork_rng(devices=[]):
+        path.start()  # the sites and their shapes; the forward run's draws stay as they were
+    if path.transforms:
+        raise PairError(
+            f"guide sites {sorted(path.sites)} are auxiliary draws behind the latents (an "
+            "autoguide): reverse AIS must start from the exact posterior sample in that space; "
+            "run BDMC with initial='prior', or with a guide that samples the latents directly"
+        )
+    lower = annealed_log_marginal(model, guide, x_sim, **settings, **kwargs)
     start = {
         name: _expand_chains(exact[name], site["fn"].event_dim, path.layout)
         for name, site in path.sites.items()

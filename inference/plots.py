@@ -230,16 +230,29 @@ def plot_experiment(result: dict, path: Path) -> Path:
     rows = math.ceil(len(columns) / cols)
     fig, axes = _pyplot().subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
     positions = np.arange(len(variants))
+
+    def flag(variant: str, column: str) -> bool:  # its number rests on a violated inequality
+        return column in result.get("flagged", {}).get(variant, [])
+
     for ax, column in zip(axes.flat, columns, strict=False):
+        unit = "per word" if column.startswith("perplexity") else "nats"
         means = [table[v][column]["mean"] for v in variants]
         errs = [table[v][column]["stderr"] for v in variants]
         ax.errorbar(positions, means, yerr=errs, fmt="o", capsize=3)
-        ax.set_title(column, fontsize=9)
+        flagged = [i for i, v in enumerate(variants) if flag(v, column)]
+        if flagged:  # a violated inequality: the number is not the gap its name says
+            ax.plot(positions[flagged], np.asarray(means)[flagged], "x", color="red", ms=9,
+                    label="inequality VIOLATED")  # fmt: skip
+            ax.legend(fontsize=6)
+        ax.set_title(f"{column} ({unit})", fontsize=9)
         ax.set_xticks(positions, variants, rotation=45, ha="right", fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
     for ax in list(axes.flat)[len(columns) :]:
         ax.axis("off")
-    fig.suptitle(f"{result.get('experiment', '')}: {result['data']}, seeds {result['seeds']} "
-                 "(mean +- s.e. across seeds)", fontsize=9)  # fmt: skip
+    title = (f"{result.get('experiment', '')}: {result['data']}, seeds {result['seeds']} "
+             "(mean +- s.e. across seeds)")  # fmt: skip
+    for name, violated in result.get("violated", {}).items():
+        title += f"\n{name}: {'; '.join(violated)} VIOLATED"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)

@@ -55,18 +55,38 @@ def active_units(means: torch.Tensor, *, threshold: float = ACTIVE_THRESHOLD) ->
     return int((means.var(0) > threshold).sum())
 
 
-def _surgery_terms(average_kl: float, log_q_own: torch.Tensor, log_q_marginal: torch.Tensor):
-    """The surgery identity from the average KL and, per draw z_n, log q(z_n | x_n) and log q(z_n).
+def _surgery_terms(kl: torch.Tensor, log_q_own: torch.Tensor, log_q_marginal: torch.Tensor):
+    """The surgery identity from per-datapoint KLs and, per draw, log q(z_n | x_n) and log q(z_n).
 
-    KL(q(z) || p(z)) is the difference, so the identity holds exactly.
+    KL(q(z) || p(z)) is the difference, so the identity holds exactly. Each
+    term is a mean over datapoints and comes with the standard error of that
+    mean; both KLs and the mutual information are >= 0 in truth, so an
+    estimate below 0 by more than 3 standard errors is flagged
+    (``impossible``): the estimator is biased there (too few datapoints for
+    the aggregate posterior, or too few inner samples for a plug-in density).
     """
-    mutual_information = float((log_q_own - log_q_marginal).mean())
-    return {
-        "average_kl": average_kl,
-        "marginal_kl": average_kl - mutual_information,
-        "mutual_information": mutual_information,
-        "log_n": math.log(log_q_own.numel()),
+    mi_terms = log_q_own - log_q_marginal
+    n = mi_terms.numel()
+
+    def stderr(values: torch.Tensor) -> float:
+        return float(values.std() / math.sqrt(n)) if n > 1 else math.inf
+
+    out = {
+        "average_kl": float(kl.mean()),
+        "average_kl_stderr": stderr(kl),
+        "marginal_kl": float((kl - mi_terms).mean()),
+        "marginal_kl_stderr": stderr(kl - mi_terms),
+        "mutual_information": float(mi_terms.mean()),
+        "mutual_information_stderr": stderr(mi_terms),
+        "log_n": math.log(n),
+        "error": "across datapoints (std / sqrt(N))",
     }
+    out["impossible"] = [
+        name
+        for name in ("average_kl", "marginal_kl", "mutual_information")
+        if out[name] < -3 * out[f"{name}_stderr"]
+    ]
+    return out
 
 
 def aggregate_posterior_terms(
@@ -104,15 +124,15 @@ def aggregate_posterior_terms(
         q = posterior(x)
         z = q.sample()
         try:
-            average_kl = float(kl_divergence(q, prior).mean())
+            kl = kl_divergence(q, prior)
         except NotImplementedError:
-            average_kl = float((q.log_prob(z) - prior.log_prob(z)).mean())
+            kl = q.log_prob(z) - prior.log_prob(z)
         log_q_marginal = []
         for start in range(0, n, chunk_size):
             zc = z[start : start + chunk_size]
             log_q = q.log_prob(zc.unsqueeze(1))  # (chunk, N): every draw under every component
             log_q_marginal.append(logsumexp(log_q, 1) - math.log(n))
-        return _surgery_terms(average_kl, q.log_prob(z), torch.cat(log_q_marginal))
+        return _surgery_terms(kl, q.log_prob(z), torch.cat(log_q_marginal))
 
 
 def hierarchical_surgery(
@@ -162,5 +182,4 @@ def hierarchical_surgery(
             ).reshape(c, n)  # fmt: skip
         own = log_q.diagonal()
         log_prior = prior.log_prob(next(iter(draws.values())))
-        average_kl = float((own - log_prior).mean())
-        return _surgery_terms(average_kl, own, logsumexp(log_q, 1) - math.log(n))
+        return _surgery_terms(own - log_prior, own, logsumexp(log_q, 1) - math.log(n))

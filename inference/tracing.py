@@ -196,8 +196,11 @@ class Layout:
                                 f"plate {self.plate!r} is sequential; per-datapoint weights "
                                 "need a vectorised plate"
                             )
-                        # pyro.plate("data") without a size: Pyro infers it, and so do we
                         size = frame.size if frame.size is not None and frame.size > 0 else None
+                        batch = site["fn"].batch_shape
+                        if size is None and len(batch) >= -frame.dim:
+                            # pyro.plate("data") without a size: Pyro infers it, and so do we
+                            size = batch[frame.dim]
                         self.plate_dim, self.plate_size = frame.dim, size
                         return
 

@@ -183,6 +183,11 @@ def test_ais_and_bdmc_from_the_command_line(tmp_path, capsys):
     assert "AIS-20" in out and "stochastic lower bound" in out
     report = json.loads((run / "eval.json").read_text())
     assert report["ais"]["num_temperatures"] == 20 and 0 < report["ais"]["acceptance"] <= 1
+    # the headline is AIS's estimate, named, with its convergence verdict beside it
+    assert report["log_px"]["estimator"] == "AIS-20"
+    assert report["log_px"]["mean"] == report["ais"]["mean"]
+    assert report["iwae_log_px"]["estimator"] == "IWAE-100"
+    assert "log p(x) ~" in out and "(AIS-20)" in out and "chains moved" in out
     assert abs(report["ais"]["mean"] - report["iwae"]["100"]["mean"]) < 2.0
 
     assert main(["bdmc", str(run), "--points", "5", "--temperatures", "5,50", "--chains", "4",
@@ -265,3 +270,33 @@ def test_a_model_that_cannot_be_compiled_anneals_eagerly_and_says_so(float64):
 def test_long_runs_compile_by_default():
     assert worth_compiling(1000, 10) and worth_compiling(500, 10)
     assert not worth_compiling(200, 5) and not worth_compiling(499, 10)
+
+
+def test_ais_whose_chains_do_not_move_says_so(float64):
+    """Step sizes far too large: every proposal rejected, and a warning, not a silent IS."""
+    import warnings
+
+    import pyro
+    import pyro.distributions as dist
+
+    from inference.ais import annealed_log_marginal
+    from inference.commands.evaluate import ais_verdict
+
+    x = torch.tensor([0.3, -0.5])
+
+    def model(x):
+        with pyro.plate("data", 2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 0.01), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", 2):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = annealed_log_marginal(model, guide, x, num_chains=4, num_temperatures=5,
+                                    step_size=1e3, compile=False)  # fmt: skip
+    assert float(est.acceptance.mean()) < 0.05
+    assert any("barely moved" in str(w.message) for w in caught)
+    assert ais_verdict(est, {"num_temperatures": 5}).startswith("NOT CONVERGED")

@@ -281,3 +281,34 @@ def test_experiment_reuses_a_run_only_if_its_configuration_matches(tmp_path):
     assert load_checkpoint(run)["epoch"] == 2 and len(read_metrics(run)) == 2
     with pytest.raises(RunError, match="trained for 2 epochs, the experiment asks for 1"):
         ensure_trained(config(), run, progress=False)
+
+
+def test_an_experiment_table_marks_cells_that_rest_on_a_violated_inequality(tmp_path):
+    """A seed whose gaps chain says VIOLATED: its KL gap is no gap, and the table says so."""
+    from inference.commands.experiment import _flagged, format_experiment, violations
+    from inference.plots import plot_experiment
+
+    checks = {
+        "L=1": [{"seed": 0, "log p(x) >= L_marg": "held (strictly, > 3 s.e.)"}],
+        "L=2": [{"seed": 0, "log p(x) >= L_marg": "VIOLATED by more than 3 s.e.",
+                 "L_marg >= L_h": "held within 3 s.e. (equality not excluded)"}],
+    }  # fmt: skip
+    cell = {"mean": -8.59, "stderr": 0.1, "error": "across seeds"}
+    result = {
+        "experiment": "stochastic-layers", "data": "digits", "objective": "iwae",
+        "num_particles": 5, "epochs": 1, "seeds": [0], "eval_particles": 20,
+        "inner_samples": [1, 2], "seconds": 1.0,
+        "table": {v: {"log p(x)": cell, "KL gap": cell, "L_h": cell} for v in checks},
+        "violated": violations(checks),
+    }  # fmt: skip
+    assert result["violated"] == {"L=2": ["log p(x) >= L_marg (seeds [0])"]}
+    result["flagged"] = {
+        v: [c for c in result["table"][v] if _flagged(result, v, c)] for v in result["violated"]
+    }
+    assert result["flagged"] == {"L=2": ["log p(x)", "KL gap"]}
+    text = format_experiment(result)
+    row = next(line for line in text.splitlines() if line.startswith("L=2"))
+    assert row.count("!") == 2
+    assert "! L=2: log p(x) >= L_marg (seeds [0]) VIOLATED" in text
+    assert "!" not in next(line for line in text.splitlines() if line.startswith("L=1"))
+    assert plot_experiment(result, tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"

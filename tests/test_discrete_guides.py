@@ -82,7 +82,7 @@ def test_gradient_matches_exhaustive_enumeration(float64, kind, objective, k):
     draws = torch.stack(draws)
     mean, se = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
     want = torch.cat([g.reshape(-1) for g in exact_grads])
-    assert ((mean - want).abs() <= 4.5 * se + 1e-9).all(), ((mean - want) / se)
+    assert ((mean - want).abs() <= 4.5 * se + 1e-9).all(), (mean - want) / se
     # the value is the bound: its mean over draws is the exact expectation
     with torch.no_grad():
         values = torch.tensor([-loss.loss(model, guide, x) for _ in range(2000)])

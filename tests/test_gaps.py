@@ -313,3 +313,22 @@ def test_hierarchical_surgery_matches_the_exact_density_version(float64):
     assert plug_in["mutual_information"] == pytest.approx(mi, abs=1e-8)
     assert plug_in["average_kl"] == pytest.approx(avg_kl, abs=1e-8)
     assert 0 < plug_in["mutual_information"] <= plug_in["log_n"]
+
+
+def test_surgery_terms_carry_errors_and_name_an_impossible_sign():
+    from inference.commands.gaps import format_surgery
+    from inference.surgery import _surgery_terms
+
+    gen = torch.Generator().manual_seed(0)
+    kl = 1.0 + 0.1 * torch.randn(200, generator=gen, dtype=torch.float64)
+    own = torch.randn(200, generator=gen, dtype=torch.float64)
+    terms = _surgery_terms(kl, own, own + 0.5)  # I_q estimated at -0.5: impossible
+    assert terms["mutual_information"] == pytest.approx(-0.5)
+    assert terms["mutual_information_stderr"] < 1e-9  # the same shift for every draw
+    assert terms["impossible"] == ["mutual_information"]
+    assert terms["average_kl_stderr"] == pytest.approx(float(kl.std()) / math.sqrt(200))
+    text = "\n".join(format_surgery(terms))
+    assert "I_q(x;z) -0.500 +- 0.000" in text and "+-" in text.split("average KL")[1][:20]
+    assert "mutual_information is below 0 by more than 3 s.e." in text
+    fine = _surgery_terms(kl, own, own - 0.5)
+    assert fine["impossible"] == [] and "below 0" not in "\n".join(format_surgery(fine))

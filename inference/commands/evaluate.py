@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import diagnostics, distributed
-from ..ais import ais_over_data, annealing_pair
+from ..ais import MIN_ACCEPTANCE, ais_over_data, annealing_pair
 from ..evaluation import evaluate_bounds, perplexity, unigram_perplexity
 from ..runs import RunError, atomic_write, check_device, load_run, write_json
 from .flags import add_ais_flags, add_flags, ais_settings, datapoints, int_list, spread
@@ -126,6 +126,12 @@ def evaluate_run(
                                  world=world, progress=progress, **ais)  # fmt: skip
         report["ais"] = ais_report(estimate, ais, time.perf_counter() - tic)
         result["statistics"]["ais"] = estimate.value
+        # The headline is the most trustworthy estimate computed: AIS's, not the IWAE weights'.
+        report["log_px"] = {
+            **estimate.summary(), "k": k_max, "estimator": f"AIS-{ais['num_temperatures']}",
+            "converged": report["ais"]["converged"],
+        }  # fmt: skip
+        report["iwae_log_px"] = {**log_px.summary(), "k": k_max, "estimator": f"IWAE-{k_max}"}
     if dataset.likelihood == "multinomial":
         report["perplexity"] = perplexity_report(report, x.cpu(), dataset.word_counts)
     report["peak_rss_mb"] = peak_rss_mb()  # this process's own: not a compiler's children
@@ -176,9 +182,23 @@ def ais_report(estimate, settings: dict, seconds: float) -> dict:
         **settings,
         "estimator": "AIS with HMC (stochastic lower bound)",
         "acceptance": float(estimate.acceptance.mean()),
+        "converged": ais_verdict(estimate, settings),
         "compiled": estimate.compiled,
         "seconds": seconds,
     }
+
+
+def ais_verdict(estimate, settings: dict) -> str:
+    """What can be said of an AIS run's convergence from the run alone.
+
+    Chains that barely moved (acceptance under 5%) make AIS importance
+    sampling from its start; only BDMC's gap (``elbolab bdmc``) bounds the
+    error of a run that did move.
+    """
+    rate = float(estimate.acceptance.mean())
+    if settings.get("num_temperatures", 2) > 1 and rate < MIN_ACCEPTANCE:
+        return f"NOT CONVERGED: HMC accepted {rate:.1%} of proposals, the chains barely moved"
+    return "chains moved; convergence is checked by BDMC's gap (elbolab bdmc)"
 
 
 def _savez(path: Path, arrays: dict) -> None:
@@ -201,6 +221,7 @@ def format_report(report: dict) -> str:
         f"({kind}), entropy {dec['entropy']:.3f}"
     )
     log_px = report["log_px"]
+    iwae = report.get("iwae_log_px", log_px)
     lines.append(
         f"log p(x) ~ {log_px['mean']:.3f} +- {log_px['stderr']:.3f} ({log_px['estimator']}); "
         f"gap log p(x) - ELBO >= {log_px['mean'] - report['elbo']['mean']:.3f}"
@@ -208,12 +229,10 @@ def format_report(report: dict) -> str:
     if "khat" in report:
         k = report["khat"]
         lines.append(
-            f"PSIS k-hat of the {log_px['k']} weights: {diagnostics.khat_counts(k)}; median IS "
+            f"PSIS k-hat of the {iwae['k']} weights: {diagnostics.khat_counts(k)}; median IS "
             f"ESS {report['is_ess_median']:.1f}"
         )
-        warning = diagnostics.khat_warning(
-            k, what=f"the {log_px['estimator']} estimate of log p(x)"
-        )
+        warning = diagnostics.khat_warning(k, what=f"the {iwae['estimator']} estimate of log p(x)")
         if warning:
             lines.append(warning)
     if "ais" in report:
@@ -222,7 +241,8 @@ def format_report(report: dict) -> str:
             f"AIS: {a['num_chains']} chains x {a['num_temperatures']} temperatures "
             f"({a['schedule']}), {a['leapfrog_steps']} leapfrog steps, mean acceptance "
             f"{a['acceptance']:.2f} ({a['seconds']:.1f} s); a stochastic lower bound on log p(x), "
-            f"{a['mean'] - log_px['mean']:+.3f} from {log_px['estimator']}"
+            f"{a['mean'] - iwae['mean']:+.3f} from {iwae['estimator']}; "
+            f"{a.get('converged', 'convergence not recorded')}"
         )
     if "perplexity" in report:
         ppl = report["perplexity"]

@@ -64,6 +64,14 @@ COLUMNS: dict[str, Callable[[dict], float]] = {
     "KL gap": lambda r: r["bounds"]["log_px"]["mean"] - _marg(r),
     "amortisation": lambda r: r.get("cremer", {}).get("amortization_gap", {}).get("mean", math.nan),
 }
+# The inequality of the gaps chain that each column reads as a gap or bound: where it is
+# VIOLATED for a seed, the column's number is no gap of the kind its name says.
+COLUMN_CHECKS = {
+    "log p(x)": "log p(x) >= L_marg",
+    "L_marg": "log p(x) >= L_marg",
+    "KL gap": "log p(x) >= L_marg",
+    "I(z;h|x)": "L_marg >= L_h",
+}
 TEXT_COLUMNS: dict[str, Callable[[dict], float]] = {
     "perplexity IWAE": lambda r: _iwae_perplexity(r),
     "perplexity AIS": lambda r: r["perplexity"]["log_px"]["mean"] if "ais" in r else math.nan,
@@ -145,6 +153,7 @@ def run_variants(
     mark_folder(out, "experiment")
     tic = time.perf_counter()
     rows: dict[str, list[dict]] = {name: [] for name in variants}
+    checks: dict[str, list[dict]] = {name: [] for name in variants}
     for seed in seeds:
         for name, (tag, options) in variants.items():
             config = TrainConfig(
@@ -159,6 +168,9 @@ def run_variants(
                 seed=seed, progress=False, ais=ais,
             )  # fmt: skip
             rows[name].append({column: fn(report) for column, fn in columns.items()})
+            checks[name].append(
+                {"seed": seed, **{c["inequality"]: c["verdict"] for c in report["chain"]}}
+            )
     table = {
         name: {column: _across_seeds([r[column] for r in runs]) for column in columns}
         for name, runs in rows.items()
@@ -177,11 +189,37 @@ def run_variants(
         **details,
         "table": table,
         "per_seed": rows,
+        "checks": checks,
+        "violated": violations(checks),
         "seconds": time.perf_counter() - tic,
+    }
+    result["flagged"] = {
+        name: [c for c in columns if _flagged(result, name, c)] for name in result["violated"]
     }
     write_json(out / "experiment.json", result)
     plot_experiment(result, out / "experiment.png")
     return result
+
+
+def violations(checks: dict[str, list[dict]]) -> dict[str, list[str]]:
+    """Per variant, each inequality of the gaps chain VIOLATED for some seed, with the seeds."""
+    out = {}
+    for name, per_seed in checks.items():
+        found: dict[str, list] = {}
+        for entry in per_seed:
+            for inequality, verdict in entry.items():
+                if inequality != "seed" and verdict.startswith("VIOLATED"):
+                    found.setdefault(inequality, []).append(entry["seed"])
+        if found:
+            out[name] = [f"{ineq} (seeds {seeds})" for ineq, seeds in found.items()]
+    return out
+
+
+def _flagged(result: dict, variant: str, column: str) -> bool:
+    check = COLUMN_CHECKS.get(column)
+    return check is not None and any(
+        v.startswith(check) for v in result.get("violated", {}).get(variant, [])
+    )
 
 
 def stochastic_layers(*, out: str | Path, data: str = "digits", **settings) -> dict:
@@ -254,8 +292,15 @@ def format_experiment(result: dict) -> str:
         cells = []
         for column in columns:
             m, s = row[column]["mean"], row[column]["stderr"]
-            cells.append(f"{'n/a':>17}" if math.isnan(m) else f"{m:>9.2f} +- {s:<5.2f}")
+            mark = "!" if column in result.get("flagged", {}).get(name, []) else " "
+            cells.append(f"{'n/a':>17}" if math.isnan(m) else f"{m:>9.2f} +- {s:<5.2f}{mark}")
         lines.append(f"{name:<{width}}" + "".join(cells))
+    for name, violated in result.get("violated", {}).items():
+        lines.append(
+            f"! {name}: {'; '.join(violated)} VIOLATED by more than 3 s.e.: the marked cells "
+            "are not the gaps their names say (log p(x) is underestimated, or L_marg's "
+            "plug-in has not converged; see each run's gaps.json)"
+        )
     if "alphas" in result:
         lines.append(
             "frequency-based: drop probability alpha / (c(w) + alpha); "

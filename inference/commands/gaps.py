@@ -249,12 +249,7 @@ def format_gaps(report: dict) -> str:
             f"+- {c['amortization_gap']['stderr']:.3f} (s.e. across those datapoints)"
         )
     if "surgery" in report:
-        s = report["surgery"]
-        lines.append(
-            f"ELBO surgery: average KL {s['average_kl']:.3f} = I_q(x;z) "
-            f"{s['mutual_information']:.3f} (<= log N = {s['log_n']:.2f}) + KL(q(z)||p(z)) "
-            f"{s['marginal_kl']:.3f}"
-        )
+        lines += format_surgery(report["surgery"])
     if "perplexity" in report:
         cells = ", ".join(f"{k} {plus_minus(v, digits=1)}" for k, v in report["perplexity"].items())
         lines.append(f"perplexity per word (from each bound; upper bounds): {cells}")
@@ -269,6 +264,27 @@ def format_gaps(report: dict) -> str:
     if warning:
         lines.append(warning)
     return "\n".join(lines)
+
+
+def format_surgery(s: dict) -> list[str]:
+    """The surgery identity with each term's standard error, and any impossible sign named."""
+
+    def term(name: str) -> str:
+        se = s.get(f"{name}_stderr")
+        return f"{s[name]:.3f}" + (f" +- {se:.3f}" if se is not None else "")
+
+    lines = [
+        f"ELBO surgery: average KL {term('average_kl')} = I_q(x;z) {term('mutual_information')} "
+        f"(<= log N = {s['log_n']:.2f}) + KL(q(z)||p(z)) {term('marginal_kl')} (s.e. across "
+        "datapoints)"
+    ]
+    for name in s.get("impossible", []):
+        lines.append(
+            f"  {name} is below 0 by more than 3 s.e., which no KL or mutual information can "
+            "be: the estimator is biased here (few datapoints for q(z), or few inner samples); "
+            "do not read the split"
+        )
+    return lines
 
 
 def add_parser(sub) -> None:
