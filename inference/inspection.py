@@ -35,7 +35,18 @@ from torch.distributions import Distribution
 
 
 class PairError(ValueError):
-    """A model/guide pair (or a use of it) from which elbolab cannot give a right number."""
+    """A model/guide pair (or a use of it) from which elbolab cannot give a right number.
+
+    ``command`` is the advice for a user of the ``elbolab`` command where it
+    differs from the library's (which names Python arguments).
+    """
+
+    def __init__(self, message: str, *, command: str | None = None) -> None:
+        super().__init__(message)
+        self.command = command
+
+    def for_command(self) -> str:
+        return self.command or str(self)
 
 
 def inner_distributions(fn: Distribution) -> Iterable[Distribution]:

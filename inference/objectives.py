@@ -87,18 +87,17 @@ class LogWeightObjective:
         self.num_particles = int(num_particles)
         self.plate = plate
         self._nesting: int | None = None
-        self._vectorised = True
+        self._found = {"vectorised": True, "enumerate": False}  # what the first call learnt
 
     def _layout(self, model, guide, args, kwargs) -> Layout:
         if self._nesting is None:
             self._nesting = guess_max_plate_nesting(model, guide, args, kwargs)
         scaled = self.plate is None and not self.joint_log_mean
-        return Layout(self.num_particles, self._nesting, self.plate, vectorised=self._vectorised,
-                      scaled=scaled)  # fmt: skip
+        return Layout(self.num_particles, self._nesting, self.plate, scaled=scaled, **self._found)
 
     def _sample(self, model, guide, args, kwargs, layout: Layout, **options):
         sample = weighted_sample(model, guide, args, kwargs, layout, **options)
-        self._vectorised = layout.vectorised
+        self._found = {"vectorised": layout.vectorised, "enumerate": layout.enumerate}
         if self.plate is None and self.joint_log_mean:
             refuse_joint_log_mean(sample.guide_trace, sample.model_trace,
                                   f"{self.name.upper()} objective's weights")  # fmt: skip
@@ -232,16 +231,7 @@ class DReG(IWAE):
             sample = self._sample(model, guide, args, kwargs, layout, draw=draw)
             factors = draw.factors
         else:
-            try:
-                first = trace_guide(guide, args, kwargs, layout)
-            except PairError:
-                raise
-            except Exception as err:
-                raise PairError(
-                    f"the guide fails with a leading particle dimension ({type(err).__name__}: "
-                    f"{err}); DReG replays vectorised draws: use the 'iwae' objective, which "
-                    "evaluates such a pair one particle at a time"
-                ) from err
+            first = trace_guide(guide, args, kwargs, layout)
             drawn, subsamples = latent_values(first), subsample_values(first)
             factors = {name: {} for name in drawn}
             scaled = {name: _ScaleGrad.apply(v, factors[name]) for name, v in drawn.items()}

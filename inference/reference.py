@@ -15,6 +15,8 @@ import pyro
 import torch
 from pyro.infer import MCMC, NUTS
 
+from .inspection import PairError
+
 RHAT_MAX = 1.01
 ESS_MIN = 400
 
@@ -56,7 +58,15 @@ def run_nuts(
         )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "`torch.jit.trace` is deprecated", DeprecationWarning)
-            mcmc.run(*args, **kwargs)
+            try:
+                mcmc.run(*args, **kwargs)
+            except (RuntimeError, ValueError, NotImplementedError) as err:
+                first = (str(err).splitlines() or [""])[0][:200]
+                raise PairError(
+                    f"Pyro's NUTS could not run on the model's posterior ({type(err).__name__}: "
+                    f"{first}); it needs continuous latents, or discrete ones it can enumerate "
+                    "in parallel (the model's code must broadcast over a new leading dimension)"
+                ) from err
         per_chain.append({k: v.detach() for k, v in mcmc.get_samples().items()})
         divergences[chain] = list(mcmc.diagnostics().get("divergences", {}).get("chain 0", []))
     samples = {name: torch.stack([c[name] for c in per_chain]) for name in per_chain[0]}

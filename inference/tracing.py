@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -172,6 +173,7 @@ class Layout:
     plate_size: int | None = None  # None until found (a plate without a size: from a site)
     vectorised: bool = True  # False: no particle plate, one particle per pass
     scaled: bool = False  # each site's log density times its scale (joint weights only)
+    enumerate: bool = False  # the model's enumerated sites summed out (see trace_model)
 
     @property
     def rank(self) -> int:
@@ -222,9 +224,14 @@ class Layout:
         if self.plate_dim is None:
             return log_prob.sum(tuple(range(1, self.rank))).expand(self.shape)
         if not any(f.name == self.plate for f in site["cond_indep_stack"]):
+            outside = f"site {site['name']!r} lies outside plate {self.plate!r}"
             raise PairError(
-                f"site {site['name']!r} lies outside plate {self.plate!r}: per-datapoint log "
-                "weights need every sample site inside it (pass plate=None for joint weights)"
+                f"{outside}: per-datapoint log weights need every sample site inside it (pass "
+                "plate=None for joint weights)",
+                command=f"{outside} (a global latent, or a plate of another name): the elbolab "
+                "command measures per-datapoint bounds over minibatches, and a global latent's "
+                "evidence is joint over the whole data set; put every site in pyro.plate("
+                f"{self.plate!r}), or use the Python API with plate=None on the full data",
             )
         keep = self.rank + self.plate_dim
         if self.plate_size is None:
@@ -254,6 +261,7 @@ class WeightedSample:
     guide_trace: object  # the last particle's, where they were evaluated one at a time
     model_trace: object
     guide_traces: list | None = None  # one per particle, where they were evaluated one at a time
+    model_traces: list | None = None
 
     @property
     def log_w(self) -> torch.Tensor:
@@ -286,7 +294,7 @@ def trace_guide(guide: Callable, args, kwargs, layout: Layout, *, values=None):
     """Trace the guide under the particle plate; its sites replayed from ``values`` when given."""
     guided = guide if values is None else _replayed(guide, values)
     with _particles(layout):
-        trace = poutine.trace(guided).get_trace(*args, **kwargs)
+        trace = _get_trace(guided, args, kwargs, layout)
     if layout.plate_dim is None:
         layout.find_plate(trace)
     return trace
@@ -297,31 +305,146 @@ def trace_model(model: Callable, args, kwargs, layout: Layout, *, values, free=(
 
     ``values`` (see :func:`replay_values`) holds the latent values and the
     plates' subsample indices. Sites named in ``free`` are sampled from the
-    model instead (for example auxiliary sites drawn from a reverse model);
-    any other latent site missing from ``values`` is an error.
+    model instead (for example auxiliary sites drawn from a reverse model).
+    With ``layout.enumerate`` the model's sites marked for parallel
+    enumeration (``config_enumerate``) that the guide does not sample are
+    enumerated, as ``TraceEnum_ELBO`` does, to the left of the particle plate
+    (:func:`enumerated_log_density` sums them out). Any other latent site
+    missing from ``values`` is an error (:class:`Enumerated` where it is
+    marked for enumeration: the caller may trace again with it enumerated).
     """
+    fn = _replayed(model, values)
+    if layout.enumerate:
+        fn = poutine.enum(fn, first_available_dim=-layout.rank - 1)
     with _particles(layout):
-        trace = poutine.trace(_replayed(model, values)).get_trace(*args, **kwargs)
+        trace = _get_trace(fn, args, kwargs, layout)
     if layout.plate_dim is None:
         layout.find_plate(trace)
     for site in sample_sites(trace):
-        if not site["is_observed"] and site["name"] not in values and site["name"] not in free:
-            raise PairError(_unsampled(site))
+        if site["is_observed"] or site["name"] in values or site["name"] in free:
+            continue
+        if site["infer"].get("_enumerate_dim") is not None:
+            continue
+        how = site["infer"].get("enumerate")
+        if how == "parallel":
+            what = f"model site {site['name']!r} is enumerated (config_enumerate)"
+            raise Enumerated(
+                f"{what} and this estimator does not sum enumerated sites out; sample it in the "
+                "guide, or use the ELBO and IWAE bounds, which sum it out exactly",
+                command=f"{what}, and this command does not sum enumerated sites out yet; "
+                "elbolab evaluate does (ELBO and IWAE-k)",
+            )
+        raise PairError(_unsampled(site, how))
     return trace
 
 
-def _unsampled(site: dict) -> str:
+class Enumerated(PairError):
+    """A model site marked for parallel enumeration that the guide does not sample."""
+
+
+def _unsampled(site: dict, how) -> str:
     name = site["name"]
-    if site["infer"].get("enumerate") is not None:
+    if how is not None:
         return (
-            f"model site {name!r} is marked for enumeration (config_enumerate): elbolab does not "
-            "sum enumerated sites out of its weights yet; sample it in the guide (for a "
-            "discrete site, e.g. a Categorical from an encoder) or marginalise it in the model"
+            f"model site {name!r} is marked for {how!r} enumeration: elbolab sums out sites "
+            "marked for parallel enumeration only (config_enumerate's default); mark it "
+            "'parallel', or sample it in the guide"
         )
     return (
         f"model site {name!r} is latent but the guide does not sample it; every latent of the "
-        "model needs a draw from the guide (or condition the model on it)"
+        "model needs a draw from the guide, an enumeration (config_enumerate, discrete sites) "
+        "or a condition (poutine.condition)"
     )
+
+
+def enumerated_log_density(trace, layout: Layout, *, only=None) -> torch.Tensor:
+    """log p of an enumerated model trace, the enumerated sites summed out, as ``layout.shape``.
+
+    Each site's log density is packed with the symbols Pyro gives its plates
+    and enumeration dims, and Pyro's tensor message passing
+    (:func:`pyro.ops.contract.contract_to_tensor`, the contraction
+    ``TraceEnum_ELBO`` uses) sums out every enumerated dim with the plates
+    nested right: a site inside a plate is multiplied out over it before an
+    enumerated variable outside it is summed. The particle plate and the data
+    plate are kept. Plate scales apply to a per-datapoint result, never inside
+    the sum (joint weights of a subsampled plate are refused). ``only`` (names)
+    restricts the product to those sites and the enumerated ones: their
+    marginal, the other sites left out.
+    """
+    from pyro.ops import packed
+    from pyro.ops.contract import contract_to_tensor
+
+    trace.symbolize_dims()
+    tree: dict = {}
+    sum_dims = set()
+    for site in sample_sites(trace):
+        enumerated = site["infer"].get("_enumerate_dim") is not None
+        if only is not None and site["name"] not in only and not enumerated:
+            continue
+        if layout.plate is not None and not any(
+            f.name == layout.plate for f in site["cond_indep_stack"]
+        ):
+            layout.reduce(site, site["fn"].log_prob(site["value"]))  # raises, naming the site
+        if layout.scaled and float(site["scale"]) != 1.0:
+            raise PairError(
+                f"site {site['name']!r} carries scale {float(site['scale']):g} (subsampling) in "
+                "a model with enumerated sites: with plate=None the scale would enter the sum "
+                "over them; use the full data, or per-datapoint weights (plate='data')"
+            )
+        log_prob = site["fn"].log_prob(site["value"])
+        mask = site["mask"]
+        if mask is False:
+            log_prob = torch.zeros_like(log_prob)
+        elif isinstance(mask, torch.Tensor):
+            log_prob = torch.where(mask, log_prob, torch.zeros_like(log_prob))
+        dims = site["infer"]["_dim_to_symbol"]
+        ordinal = frozenset(
+            trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
+        )
+        tree.setdefault(ordinal, []).append(packed.pack(log_prob, dims))
+        if enumerated:
+            sum_dims.add(site["infer"]["_enumerate_symbol"])
+    keep = {PARTICLE_PLATE, layout.plate} & set(trace.plate_to_symbol)
+    present = set().union(*(t._pyro_dims for terms in tree.values() for t in terms))
+    # a kept plate no term varies along (nothing depends on the particles) is broadcast below
+    target = frozenset(trace.plate_to_symbol[name] for name in keep) & present
+    result = contract_to_tensor(OrderedDict(tree), sum_dims, target_ordinal=target)
+    result = packed.unpack(result, trace.symbol_to_dim)
+    result = result.reshape((1,) * (layout.rank - result.dim()) + result.shape)
+    if layout.plate_dim is None:
+        return result.reshape(result.shape[0], -1).sum(1).expand(layout.shape)
+    if layout.plate_size is None:
+        layout.plate_size = result.shape[layout.rank + layout.plate_dim]
+    return result.reshape(result.shape[0], -1).expand(layout.shape)
+
+
+class NotBroadcastable(PairError):
+    """The pair failed under the particle plate, having run without it (the dry run)."""
+
+
+def _get_trace(fn: Callable, args, kwargs, layout: Layout):
+    """``fn``'s trace; a failure of the user's code under the particle plate is named as such.
+
+    Every estimator runs the pair once without particles first (its dry
+    run), so code that fails only with them does not broadcast over a
+    leading dimension, as code written for one sample (``torch.cat([xs, ys],
+    dim=1)``, ``z.view(x.shape)``) does not.
+    """
+    try:
+        return poutine.trace(fn).get_trace(*args, **kwargs)
+    except PairError:
+        raise
+    except Exception as err:
+        if not layout.vectorised:
+            raise
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise NotBroadcastable(
+            f"the model/guide pair does not broadcast over a leading particle dimension "
+            f"({type(err).__name__}: {first}), and this estimator draws its particles or chains "
+            "in one vectorised pass; write the networks to broadcast over leading dims (e.g. "
+            "torch.cat(..., dim=-1), z.reshape(*z.shape[:-1], ...)); the ELBO and IWAE bounds "
+            "and objectives evaluate such a pair one particle at a time"
+        ) from err
 
 
 def _particles(layout: Layout):
@@ -389,18 +512,14 @@ def weighted_sample(
         return _looped_sample(model, guide, args, kwargs, layout, values=values, draw=draw)
     try:
         return _one_pass(model, guide, args, kwargs, layout, values=values, draw=draw)
-    except PairError:
-        raise
-    except Exception as err:  # the pair's own code failed: does it run without particles?
-        vectorised_error = err
+    except NotBroadcastable as err:
+        vectorised_error = err.__cause__ or err
     layout.vectorised = False
     try:
         sample = _looped_sample(model, guide, args, kwargs, layout, values=values, draw=draw)
-    except PairError:
-        raise
     except Exception:
         layout.vectorised = True
-        raise vectorised_error from None
+        raise
     warnings.warn(
         "the model/guide pair does not broadcast over a leading particle dimension "
         f"({type(vectorised_error).__name__}: {str(vectorised_error).splitlines()[0][:200]}): "
@@ -415,9 +534,19 @@ def _one_pass(model, guide, args, kwargs, layout: Layout, *, values=None, draw=N
     with draw or contextlib.nullcontext():
         guide_trace = trace_guide(guide, args, kwargs, layout, values=values)
     check_guide_density(guide_trace, guide, args, kwargs)
-    model_trace = trace_model(model, args, kwargs, layout, values=replay_values(guide_trace))
+    replay = replay_values(guide_trace)
+    if not layout.enumerate:
+        try:
+            model_trace = trace_model(model, args, kwargs, layout, values=replay)
+        except Enumerated:
+            layout.enumerate = True  # and for the caller's later calls
+    if layout.enumerate:
+        model_trace = trace_model(model, args, kwargs, layout, values=replay)
+        log_p = enumerated_log_density(model_trace, layout)
+    else:
+        log_p = log_density(model_trace, layout)
     return WeightedSample(
-        log_density(model_trace, layout),
+        log_p,
         log_density(guide_trace, layout),
         layout,
         guide_trace,
@@ -427,11 +556,12 @@ def _one_pass(model, guide, args, kwargs, layout: Layout, *, values=None, draw=N
 
 def _looped_sample(model, guide, args, kwargs, layout: Layout, *, values=None, draw=None):
     """K passes of one particle each, without the particle plate; (K, N) log densities."""
-    log_p, log_q, traces, sample = [], [], [], None
+    log_p, log_q, traces, model_traces, sample = [], [], [], [], None
     for _ in range(layout.num_particles):
         single = Layout(1, layout.max_plate_nesting, layout.plate, vectorised=False,
-                        scaled=layout.scaled)  # fmt: skip
+                        scaled=layout.scaled, enumerate=layout.enumerate)  # fmt: skip
         sample = _one_pass(model, guide, args, kwargs, single, values=values, draw=draw)
+        layout.enumerate = single.enumerate
         replayed = set(values or ()) & set(latent_values(sample.guide_trace))
         if replayed:
             raise PairError(
@@ -442,10 +572,11 @@ def _looped_sample(model, guide, args, kwargs, layout: Layout, *, values=None, d
         log_p.append(sample.log_p)
         log_q.append(sample.log_q)
         traces.append(sample.guide_trace)
+        model_traces.append(sample.model_trace)
         values = {**subsample_values(sample.guide_trace), **(values or {})}  # one minibatch
     layout.plate_dim, layout.plate_size = sample.layout.plate_dim, sample.layout.plate_size
     return WeightedSample(torch.cat(log_p), torch.cat(log_q), layout, sample.guide_trace,
-                          sample.model_trace, traces)  # fmt: skip
+                          sample.model_trace, traces, model_traces)  # fmt: skip
 
 
 def log_importance_weights(
@@ -507,14 +638,14 @@ def log_importance_weights(
             nesting, minibatch = max_plate_nesting, None
         else:
             nesting, minibatch = dry_run(model, guide, args, kwargs)
-        chunks, vectorised = [], True
+        chunks, found = [], {}
         for start in range(0, num_particles, chunk_size):
             size = min(chunk_size, num_particles - start)
-            layout = Layout(size, nesting, plate, vectorised=vectorised)
+            layout = Layout(size, nesting, plate, **found)
             sample = weighted_sample(model, guide, args, kwargs, layout, values=minibatch)
             if plate is None:
                 refuse_joint_log_mean(sample.guide_trace, sample.model_trace, "log weights")
-            vectorised = layout.vectorised
+            found = {"vectorised": layout.vectorised, "enumerate": layout.enumerate}
             assert sample.log_w.shape[0] == size
             chunks.append(sample.log_w)
     return torch.cat(chunks, 0)
@@ -548,27 +679,14 @@ def elbo_decomposition(
             nesting = guess_max_plate_nesting(model, guide, args, kwargs)
         layout = Layout(num_particles, nesting, plate)
         sample = weighted_sample(model, guide, args, kwargs, layout)
-        guide_sites = {s["name"]: s for s in sample_sites(sample.guide_trace)}
-        # Conditioned latent sites are marked observed in the model trace: tell them by name.
-        recon = kl = entropy = torch.zeros(layout.shape, device=sample.log_w.device)
-        analytic = True
-        for site in sample_sites(sample.model_trace):
-            log_p = site_log_density(site, layout)
-            if site["name"] not in guide_sites:
-                recon = recon + log_p
-                continue
-            q_site = guide_sites[site["name"]]
-            log_q = site_log_density(q_site, layout)
-            try:
-                kl = kl + layout.reduce(q_site, kl_divergence(q_site["fn"], site["fn"]))
-            except NotImplementedError:
-                analytic = False
-                kl = kl + log_q - log_p
-            try:
-                entropy = entropy + layout.reduce(q_site, q_site["fn"].entropy())
-            except NotImplementedError:
-                entropy = entropy - log_q
-        recon, kl, entropy = recon.mean(0), kl.mean(0), entropy.mean(0)
+        if sample.guide_traces is None:
+            parts = [_decompose(sample.guide_trace, sample.model_trace, layout)]
+        else:  # evaluated one particle at a time: each particle's traces
+            single = dataclasses.replace(layout, num_particles=1)
+            pairs = zip(sample.guide_traces, sample.model_traces, strict=True)
+            parts = [_decompose(g, m, single) for g, m in pairs]
+        recon, kl, entropy = (torch.cat([p[i] for p in parts]).mean(0) for i in range(3))
+        analytic = all(p[3] for p in parts)
     return {
         "reconstruction": recon,
         "kl": kl,
@@ -577,3 +695,40 @@ def elbo_decomposition(
         "elbo": recon - kl,
         "kl_analytic": analytic,
     }
+
+
+def _decompose(guide_trace, model_trace, layout: Layout) -> tuple:
+    """Per-particle reconstruction, KL and entropy terms, (K, N) each, and whether KL is analytic.
+
+    With enumerated sites the prior of the guide's latents is their marginal,
+    sum_c p(c) p(z | c) (the enumerated sites summed out of the latent sites
+    alone), and log p(x | z) = log p(x, z) - log p(z); the KL is then Monte Carlo.
+    """
+    guide_sites = {s["name"]: s for s in sample_sites(guide_trace)}
+    zeros = torch.zeros(layout.shape)
+    entropy = zeros
+    for q_site in guide_sites.values():
+        try:
+            entropy = entropy + layout.reduce(q_site, q_site["fn"].entropy())
+        except NotImplementedError:
+            entropy = entropy - site_log_density(q_site, layout)
+    if layout.enumerate:
+        log_q = log_density(guide_trace, layout)
+        log_p = enumerated_log_density(model_trace, layout)
+        prior = enumerated_log_density(model_trace, layout, only=set(guide_sites))
+        return log_p - prior, log_q - prior, entropy, False
+    # Conditioned latent sites are marked observed in the model trace: tell them by name.
+    recon = kl = zeros
+    analytic = True
+    for site in sample_sites(model_trace):
+        log_p = site_log_density(site, layout)
+        if site["name"] not in guide_sites:
+            recon = recon + log_p
+            continue
+        q_site = guide_sites[site["name"]]
+        try:
+            kl = kl + layout.reduce(q_site, kl_divergence(q_site["fn"], site["fn"]))
+        except NotImplementedError:
+            analytic = False
+            kl = kl + site_log_density(q_site, layout) - log_p
+    return recon, kl, entropy, analytic

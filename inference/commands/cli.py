@@ -12,11 +12,14 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from .. import distributed
 from ..data import DataError
 from ..distributed import DistributedError
+from ..inspection import PairError
 from ..runs import RunError
 from ..user_model import ModelError
 from . import bdmc, compare, demo, diagnose, evaluate, experiment, gaps, rbm, train
@@ -56,6 +59,13 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """elbolab's own warnings as the command's one line; others (a library's) say where."""
+    if filename.startswith(str(Path(__file__).resolve().parents[1])):
+        return f"elbolab: warning: {message}\n"
+    return f"{filename}:{lineno}: {category.__name__}: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``elbolab`` console script.
 
@@ -63,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     what was written stays whole, and training says how to resume.
     """
     args = build_parser().parse_args(argv)
+    previous_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
@@ -73,11 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"elbolab: error: {err}", file=sys.stderr)
         return 1
+    except PairError as err:  # a model the command cannot give a right number for
+        print(f"elbolab: error: {err.for_command()}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:
         detail = str(err) or "interrupted; files already written are kept"
         print(f"elbolab: {detail}", file=sys.stderr)
         return 130
     finally:
+        warnings.formatwarning = previous_format
         distributed.shutdown()  # under torchrun: leave the process group
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
