@@ -4,6 +4,8 @@ Where things are (the command line lives apart, in :mod:`inference.commands`):
 
 - :mod:`.tracing`: scoring a model against a guide with vectorised particles;
   ``log_importance_weights`` and the reconstruction/KL decomposition.
+- :mod:`.inspection`: what a pair is made of, judged once (``inspect_pair``),
+  and the one-line refusals (``PairError``).
 - :mod:`.bounds`: pure tensor functions from log weights to ELBO, IWAE-k and
   their standard errors.
 - :mod:`.evaluation`: those bounds over a whole data set.

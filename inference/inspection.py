@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import pyro.distributions as dist
 import torch
@@ -218,8 +219,106 @@ def refuse_joint_log_mean(guide_trace, model_trace, what: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class SiteReport:
+    """One sample site of a pair, as the estimators see it."""
+
+    name: str
+    side: str  # "guide" or "model"
+    role: str  # density, auxiliary, transform, point mass, observed, enumerated, latent
+    reparameterised: bool | None  # guide sites only
+    support: str
+    plates: tuple[str, ...]  # "name[size]", "name[B of N]", "name[inferred]", "name(sequential)"
+    in_data_plate: bool
+
+
+def inspect_pair(model: Callable, guide: Callable, *args, plate: str | None = "data", **kwargs):
+    """Every sample site of the model and guide: its role, reparameterisation, support and plates.
+
+    The same judgements the estimators make at their dry run, as a table to
+    read before trusting a number: which guide sites are densities, point
+    masses, auxiliary draws or transforms of them; which draws carry no path
+    gradient (they get score-function terms); which model sites the guide
+    samples, which are enumerated and which are observed; which lie outside
+    ``plate`` (global: per-datapoint weights do not exist for them).
+
+    Returns
+    -------
+    list of SiteReport
+        Guide sites first, then the model's, in the order they were sampled.
+    """
+    from .tracing import dry_traces, sample_sites
+
+    guide_trace, model_trace = dry_traces(model, guide, args, kwargs)
+    guide_sites = {s["name"]: s for s in sample_sites(guide_trace)}
+    auxiliary = {n for n, s in guide_sites.items() if is_auxiliary(s)}
+    transformed = _transforms(guide, args, kwargs, auxiliary) if auxiliary else {}
+    reports = []
+    for side, trace in (("guide", guide_trace), ("model", model_trace)):
+        for site in sample_sites(trace):
+            name, fn = site["name"], site["fn"]
+            if side == "guide":
+                if is_auxiliary(site):
+                    role = "auxiliary"
+                elif is_point_mass(fn):
+                    role = "transform" if transformed.get(name) else "point mass"
+                else:
+                    role = "density"
+                reparameterised = is_reparameterised(site)
+            else:
+                reparameterised = None
+                if site["is_observed"] and name not in guide_sites:
+                    role = "observed"
+                elif name in guide_sites:
+                    role = "latent"
+                elif site["infer"].get("enumerate") == "parallel":
+                    role = "enumerated"
+                else:
+                    role = "not sampled by the guide"
+            reports.append(SiteReport(
+                name, side, role, reparameterised, str(_support(fn)),
+                tuple(_describe_frame(f) for f in site["cond_indep_stack"]),
+                plate is not None and any(f.name == plate for f in site["cond_indep_stack"]),
+            ))  # fmt: skip
+    return reports
+
+
+def _support(fn: Distribution):
+    support = fn.support
+    while hasattr(support, "base_constraint"):
+        support = support.base_constraint
+    return support
+
+
+def _describe_frame(frame) -> str:
+    if not frame.vectorized or frame.dim is None:
+        return f"{frame.name}(sequential)"
+    full = getattr(frame, "full_size", None)
+    if frame.size is None or frame.size < 0:
+        return f"{frame.name}[inferred]"
+    if full is not None and 0 < frame.size < full:
+        return f"{frame.name}[{frame.size} of {full}]"
+    return f"{frame.name}[{frame.size}]"
+
+
+def format_inspection(reports: list[SiteReport]) -> str:
+    """The inspection as a table, one site a row."""
+    rows = [("side", "site", "role", "reparam.", "support", "plates")]
+    for r in reports:
+        rep = "" if r.reparameterised is None else ("yes" if r.reparameterised else "NO")
+        rows.append((r.side, r.name, r.role, rep, r.support, ", ".join(r.plates) or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
 __all__ = [
     "PairError",
+    "SiteReport",
+    "format_inspection",
+    "inspect_pair",
     "base_distribution",
     "check_guide_density",
     "has_trainable_inputs",

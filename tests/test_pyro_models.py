@@ -524,3 +524,97 @@ def test_the_command_trains_and_evaluates_ss_vae_m2_and_refuses_what_it_cannot(t
                                           objective, "--out", str(tmp_path / factory),
                                           "--overwrite", *TINY]))  # fmt: skip
             assert re.search(message, err), err
+
+
+# ---------------------------------------------------------------------------
+# A small deep Markov model (Pyro's examples/dmm.py, linear-Gaussian so that log p(x) is exact)
+# ---------------------------------------------------------------------------
+
+
+def test_a_ragged_markov_model_against_the_gaussian_evidence(float64):
+    """dmm.py's structure: plate "z_minibatch", pyro.markov over time, masks for ragged lengths.
+
+    z_1 ~ N(0, 1), z_t ~ N(0.8 z_{t-1}, 0.5^2), x_t ~ N(b z_t, 0.7^2 I): the observed steps of
+    a sequence are jointly Gaussian. Masked steps (after a sequence's length) count nowhere.
+    """
+    gen = torch.Generator().manual_seed(7)
+    t_max, lengths, b = 4, torch.tensor([4, 2, 3]), torch.tensor([1.0, -0.5])
+    x = torch.randn(3, t_max, 2, generator=gen, dtype=torch.float64)
+    mask = torch.arange(t_max)[None, :] < lengths[:, None]  # (3, T)
+
+    def model(batch, mask):
+        with pyro.plate("z_minibatch", len(batch)):
+            z_prev = batch.new_zeros(len(batch), 1)
+            for t in pyro.markov(range(1, t_max + 1)):
+                loc, scale = (0.8 * z_prev, 0.5) if t > 1 else (z_prev, 1.0)
+                z = pyro.sample(f"z_{t}", dist.Normal(loc, scale).mask(mask[:, t - 1 : t])
+                                .to_event(1))  # fmt: skip
+                pyro.sample(f"obs_x_{t}", dist.Normal(z * b, 0.7).mask(mask[:, t - 1 : t])
+                            .to_event(1), obs=batch[:, t - 1, :])  # fmt: skip
+                z_prev = z
+
+    def guide(batch, mask):
+        with pyro.plate("z_minibatch", len(batch)):
+            z_prev = batch.new_zeros(len(batch), 1)
+            for t in pyro.markov(range(1, t_max + 1)):
+                loc = 0.5 * z_prev + 0.4 * (batch[:, t - 1, :] * b).sum(-1, keepdim=True)
+                z_prev = pyro.sample(f"z_{t}", dist.Normal(loc, 0.8).mask(mask[:, t - 1 : t])
+                                     .to_event(1))  # fmt: skip
+
+    steps = torch.arange(t_max, dtype=torch.float64)
+    # AR(1): Var z_1 = 1, Var z_t = 0.64 Var z_{t-1} + 0.25, Cov(z_s, z_t) = 0.8^(t-s) Var z_s
+    var = [1.0]
+    for _ in range(t_max - 1):
+        var.append(0.64 * var[-1] + 0.25)
+    var = torch.tensor(var, dtype=torch.float64)
+    lag = (steps[:, None] - steps[None, :]).abs()
+    first = torch.minimum(steps[:, None], steps[None, :]).long()
+    cov_z = 0.8**lag * var[first]
+    exact = []
+    for i, n in enumerate(lengths.tolist()):
+        emit = torch.kron(torch.eye(n, dtype=torch.float64), b[:, None])  # (2n, n)
+        cov = emit @ cov_z[:n, :n] @ emit.T + 0.49 * torch.eye(2 * n, dtype=torch.float64)
+        exact.append(dist.MultivariateNormal(torch.zeros(2 * n, dtype=torch.float64), cov)
+                     .log_prob(x[i, :n].reshape(-1)))  # fmt: skip
+    exact = torch.stack(exact)
+    with pytest.raises(
+        PairError, match=r"no site lies in a plate named 'data'.*plate='z_minibatch'"
+    ):
+        log_importance_weights(model, guide, x, mask, num_particles=2)
+    log_w = log_importance_weights(model, guide, x, mask, num_particles=20_000,
+                                   plate="z_minibatch")  # fmt: skip
+    iwae = iwae_bound(log_w)
+    assert ((iwae.value - exact).abs() < 4 * iwae.stderr + 2e-3).all(), (iwae.value, exact)
+    assert (elbo_bound(log_w).value < exact).all()
+
+
+def test_the_inspection_tells_each_sites_role(float64):
+    from inference.inspection import format_inspection, inspect_pair
+
+    y = torch.tensor(Y)
+    guide = AutoGuideList(centred_schools)
+    guide.append(AutoDelta(poutine.block(centred_schools, expose=["mu"])))
+    guide.append(AutoNormal(poutine.block(centred_schools, hide=["mu"])))
+    roles = {(r.side, r.name): r for r in inspect_pair(centred_schools, guide, y)}
+    assert roles["guide", "mu"].role == "point mass"
+    assert roles["guide", "tau_unconstrained"].role == "auxiliary"
+    assert roles["guide", "tau"].role == "transform"
+    assert roles["model", "obs"].role == "observed" and roles["model", "obs"].in_data_plate
+    assert not roles["model", "tau"].in_data_plate and roles["model", "theta"].plates == (
+        "data[8]",
+    )
+
+    m2 = LinearM2().double()
+    roles = {(r.side, r.name): r for r in inspect_pair(m2.model, m2.guide, torch.randn(4, X_DIM))}
+    assert roles["guide", "y"].reparameterised is False and roles["guide", "z"].reparameterised
+    assert roles["guide", "y"].plates == ("data[inferred]",)
+
+    model, guide, x, _ = _global_subsampled()
+    reports = inspect_pair(model, guide, x)
+    assert {r.name: r.plates for r in reports if r.side == "model"} == {
+        "mu": (), "x": ("data[8 of 40]",)
+    }  # fmt: skip
+    x = torch.tensor([0.1, 2.0])
+    gmm_guide = AutoNormal(poutine.block(gmm, hide=["c"]))
+    text = format_inspection(inspect_pair(gmm, gmm_guide, x))
+    assert "enumerated" in text.splitlines()[-2] and text.splitlines()[0].startswith("side")
