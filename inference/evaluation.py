@@ -159,8 +159,9 @@ class _Recorded:
     Non-tensor entries (flags) are those of the first call.
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor], dict], what: str, *, compile: bool) -> None:
-        self.fn, self.what, self.pending = fn, what, compile
+    def __init__(self, fn: Callable[[torch.Tensor], dict], what: str, *, compile: bool,
+                 skip: Callable[[], str | None] | None = None) -> None:  # fmt: skip
+        self.fn, self.what, self.pending, self.skip = fn, what, compile, skip
         self.compiled: Callable | None = None
         self.shape: torch.Size | None = None
         self.flags: dict = {}
@@ -180,6 +181,10 @@ class _Recorded:
         self.pending = False
         state = torch.get_rng_state()
         want = self.fn(x)
+        why = self.skip() if self.skip is not None else None
+        if why is not None:  # the eager call found a pair the recording would not serve
+            self._give_up(why)
+            return want
         self.names = [k for k, v in want.items() if isinstance(v, torch.Tensor)]
         self.flags = {k: v for k, v in want.items() if k not in self.names}
 
@@ -232,6 +237,7 @@ class _ChunkedWeights:
         self.recorded: _Recorded | None = None
         self.nesting: int | None = None
         self.fallback: str | None = None
+        self.found: dict = {}  # Layout flags the first chunk learnt
 
     @property
     def compiled(self) -> Callable | None:
@@ -266,10 +272,18 @@ class _ChunkedWeights:
             log_w[start : start + size] = part
         return log_w
 
+    def _not_vectorised(self) -> str | None:
+        if self.found.get("vectorised", True):
+            return None
+        return "the pair does not broadcast over particles: they run one at a time"
+
     def _chunk(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        layout = Layout(self.chunk, self.nesting, "data")
+        layout = Layout(self.chunk, self.nesting, "data", **self.found)
         with torch.no_grad():
-            return {"log_w": weighted_sample(self.model, self.guide, (x,), {}, layout).log_w}
+            log_w = weighted_sample(self.model, self.guide, (x,), {}, layout).log_w
+        # what the first chunk learnt (enumerated sites, particles one at a time) the next know
+        self.found = {"vectorised": layout.vectorised, "enumerate": layout.enumerate}
+        return {"log_w": log_w}
 
     def _capture(self, x: torch.Tensor) -> torch.Tensor | None:
         """Record and compile the chunk on ``x``; returns a first chunk, drawn eagerly.
@@ -285,14 +299,19 @@ class _ChunkedWeights:
             and (site["fn"].subsample_size or site["fn"].size) < site["fn"].size
             for site in trace.nodes.values()
         )
-        self.recorded = _Recorded(self._chunk, "the chunk", compile=not subsamples)
+        self.recorded = _Recorded(self._chunk, "the chunk", compile=not subsamples,
+                                  skip=self._not_vectorised)  # fmt: skip
         if subsamples:
             self.fallback = "the guide subsamples its data plate"
             warnings.warn(f"evaluating eagerly: the chunk could not be compiled ({self.fallback})",
                           RuntimeWarning, stacklevel=3)  # fmt: skip
             return None
+        state = torch.get_rng_state()
         first = self.recorded(x)["log_w"]
         self.fallback = self.recorded.fallback
+        if self.recorded.compiled is None:  # eager after all: draw as an eager run draws
+            torch.set_rng_state(state)
+            return None
         return first
 
 

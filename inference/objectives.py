@@ -33,7 +33,7 @@ import math
 from collections.abc import Callable
 
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
@@ -51,7 +51,7 @@ from .tracing import (
     weighted_sample,
 )
 
-OBJECTIVES = ("elbo", "meanfield", "iwae", "dreg", "trace-elbo")
+OBJECTIVES = ("elbo", "meanfield", "iwae", "dreg", "trace-elbo", "trace-enum-elbo")
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -312,13 +312,15 @@ def make_objective(name: str, *, num_particles: int = 1, plate: str | None = "da
 
     Parameters
     ----------
-    name : {"elbo", "meanfield", "iwae", "dreg", "trace-elbo"}
+    name : {"elbo", "meanfield", "iwae", "dreg", "trace-elbo", "trace-enum-elbo"}
         ``elbo``: reparameterised ELBO (same value and gradient as Pyro's
         Trace_ELBO for reparameterisable guides, faster); ``meanfield``: Pyro's
         TraceMeanField_ELBO (analytic KL where available); ``iwae``: the IWAE
         bound; ``dreg``: IWAE with doubly reparameterised guide gradients;
-        ``trace-elbo``: Pyro's Trace_ELBO itself (score-function terms for
-        guides that cannot be reparameterised).
+        ``trace-elbo``: Pyro's Trace_ELBO itself; ``trace-enum-elbo``: Pyro's
+        TraceEnum_ELBO, which sums discrete guide sites marked
+        ``infer={"enumerate": "parallel"}`` exactly (no score-function
+        variance where their support is small) and the model's enumerated sites.
     num_particles : int
         K, particles per datapoint.
     plate : str or None
@@ -341,4 +343,6 @@ def make_objective(name: str, *, num_particles: int = 1, plate: str | None = "da
         return _PyroELBO(TraceMeanField_ELBO, name, num_particles=num_particles)
     if name == "trace-elbo":
         return _PyroELBO(Trace_ELBO, name, num_particles=num_particles)
+    if name == "trace-enum-elbo":
+        return _PyroELBO(TraceEnum_ELBO, name, num_particles=num_particles)
     raise ValueError(f"unknown objective {name!r}; choose from {OBJECTIVES}")

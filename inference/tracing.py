@@ -333,7 +333,7 @@ def trace_model(model: Callable, args, kwargs, layout: Layout, *, values, free=(
     fn = _replayed(model, values)
     if layout.enumerate:
         fn = poutine.enum(fn, first_available_dim=-layout.rank - 1)
-    with _particles(layout):
+    with _particles(layout), _StopAtEnumerated(values, free, active=not layout.enumerate):
         trace = _get_trace(fn, args, kwargs, layout)
     if layout.plate_dim is None:
         layout.find_plate(trace)
@@ -342,21 +342,41 @@ def trace_model(model: Callable, args, kwargs, layout: Layout, *, values, free=(
             continue
         if site["infer"].get("_enumerate_dim") is not None:
             continue
-        how = site["infer"].get("enumerate")
-        if how == "parallel":
-            what = f"model site {site['name']!r} is enumerated (config_enumerate)"
+        raise PairError(_unsampled(site, site["infer"].get("enumerate")))
+    return trace
+
+
+class Enumerated(PairError):
+    """A model site marked for parallel enumeration that the guide does not sample."""
+
+
+class _StopAtEnumerated(Messenger):
+    """Raise :class:`Enumerated` at a site to enumerate, before it draws a value.
+
+    So that finding out costs no random numbers: the draws that follow are
+    those of a run that knew, compiled or not.
+    """
+
+    def __init__(self, values, free, *, active: bool) -> None:
+        super().__init__()
+        self.values, self.free, self.active = values, free, active
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if (
+            self.active
+            and not msg["done"]
+            and not msg["is_observed"]
+            and msg["infer"].get("enumerate") == "parallel"
+            and msg["name"] not in self.values
+            and msg["name"] not in self.free
+        ):
+            what = f"model site {msg['name']!r} is enumerated (config_enumerate)"
             raise Enumerated(
                 f"{what} and this estimator does not sum enumerated sites out; sample it in the "
                 "guide, or use the ELBO and IWAE bounds, which sum it out exactly",
                 command=f"{what}, and this command does not sum enumerated sites out yet; "
                 "elbolab evaluate does (ELBO and IWAE-k)",
             )
-        raise PairError(_unsampled(site, how))
-    return trace
-
-
-class Enumerated(PairError):
-    """A model site marked for parallel enumeration that the guide does not sample."""
 
 
 def _unsampled(site: dict, how) -> str:

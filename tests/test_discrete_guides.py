@@ -85,8 +85,8 @@ def test_gradient_matches_exhaustive_enumeration(float64, kind, objective, k):
     assert ((mean - want).abs() <= 4.5 * se + 1e-9).all(), (mean - want) / se
     # the value is the bound: its mean over draws is the exact expectation
     with torch.no_grad():
-        values = torch.tensor([-loss.loss(model, guide, x) for _ in range(2000)])
-    assert abs(float(values.mean() - exact.detach())) < 4.5 * float(values.std()) / math.sqrt(2000)
+        values = torch.tensor([-loss.loss(model, guide, x) for _ in range(1000)])
+    assert abs(float(values.mean() - exact.detach())) < 4.5 * float(values.std()) / math.sqrt(1000)
 
 
 def test_baselines_reduce_the_variance_of_the_score_terms(float64):
@@ -140,3 +140,24 @@ def test_a_fixed_discrete_corruption_needs_no_score_term(float64):
     assert non_reparameterised_sites(guide_trace) == []
     make_objective("iwae", num_particles=3).differentiable_loss(model, guide, X.double()).backward()
     assert scale.grad is not None and torch.isfinite(scale.grad)
+
+
+@pytest.mark.parametrize("kind", ["onehot", "categorical"])
+def test_guide_enumeration_gives_the_exact_gradient(float64, kind):
+    """Where the support is small, trace-enum-elbo sums the guide's discrete site exactly:
+    the value and the gradient are the exhaustive ones, with no Monte Carlo error at all."""
+    model, _, locs, logits = _pair(kind)
+
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            fn = dist.OneHotCategorical if kind == "onehot" else dist.Categorical
+            pyro.sample("y", fn(logits=logits), infer={"enumerate": "parallel"})
+
+    x = X.double()
+    exact = _exact("elbo", 1, locs, logits, x)
+    want = torch.autograd.grad(exact, [locs, logits])
+    loss = make_objective("trace-enum-elbo").differentiable_loss(model, guide, x)
+    got = torch.autograd.grad(-loss, [locs, logits])
+    assert torch.allclose(-loss, exact, atol=1e-10)
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=1e-10)

@@ -618,3 +618,23 @@ def test_the_inspection_tells_each_sites_role(float64):
     gmm_guide = AutoNormal(poutine.block(gmm, hide=["c"]))
     text = format_inspection(inspect_pair(gmm, gmm_guide, x))
     assert "enumerated" in text.splitlines()[-2] and text.splitlines()[0].startswith("side")
+
+
+def test_compiled_evaluation_of_the_new_classes_draws_as_the_eager_one(float64):
+    """Enumerated sites compile (the same draws); a pair that does not broadcast stays eager,
+    with the numbers of an eager run."""
+    settings = dict(ks=[1, 20], batch_size=2, max_rows=20, progress=False, seed=0)
+    model, guide, _, _ = _local_mixture(feature_plate=False)
+    x = torch.tensor([-1.8, 0.3, 2.6, 1.1])
+    eager = evaluate_bounds(model, guide, x, **settings, compile=False)
+    compiled = evaluate_bounds(model, guide, x, **settings, compile=True)
+    assert compiled["compiled"]
+    assert torch.allclose(compiled["iwae"][20].value, eager["iwae"][20].value, atol=1e-9)
+    m2 = LinearM2().double()
+    xs = torch.randn(4, X_DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # one particle at a time; stays eager
+        eager = evaluate_bounds(m2.model, m2.guide, xs, **settings, compile=False)
+        tried = evaluate_bounds(m2.model, m2.guide, xs, **settings, compile=True)
+    assert not tried["compiled"]
+    assert torch.equal(tried["iwae"][20].value, eager["iwae"][20].value)
