@@ -219,6 +219,32 @@ def refuse_joint_log_mean(guide_trace, model_trace, what: str) -> None:
     )
 
 
+def check_per_datapoint(model: Callable, guide: Callable, x, *, plate: str = "data") -> None:
+    """Refuse, for the ``elbolab`` command, a pair with a site outside the data plate.
+
+    The command measures per-datapoint bounds over minibatches: every site
+    must lie in ``pyro.plate(plate, ...)``, as Pyro's examples write a VAE.
+    A model without that plate (its batch in the sample shapes, a global
+    latent) would give joint weights over a minibatch, which are no
+    per-datapoint numbers.
+    """
+    from .tracing import dry_traces, sample_sites
+
+    traces = dry_traces(model, guide, (x,), {})
+    for trace in traces:
+        for site in sample_sites(trace):
+            if not any(f.name == plate for f in site["cond_indep_stack"]):
+                where = [f.name for f in site["cond_indep_stack"] if f.vectorized]
+                place = f"plate {where[0]!r}" if where else "no plate"
+                raise PairError(
+                    f"site {site['name']!r} lies in {place}, not in pyro.plate({plate!r}): the "
+                    "elbolab command measures per-datapoint bounds over minibatches, so every "
+                    f"site of the model and guide must lie in pyro.plate({plate!r}, x.shape[0]) "
+                    "(a global latent's evidence is joint over the data set: use the Python "
+                    "API with plate=None on the full data)"
+                )
+
+
 @dataclass(frozen=True)
 class SiteReport:
     """One sample site of a pair, as the estimators see it."""
@@ -320,6 +346,7 @@ __all__ = [
     "format_inspection",
     "inspect_pair",
     "base_distribution",
+    "check_per_datapoint",
     "check_guide_density",
     "has_trainable_inputs",
     "inner_distributions",

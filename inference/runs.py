@@ -28,6 +28,7 @@ from ppl_models.nets import ACTIVATIONS
 
 from . import __version__, user_model
 from .data import DATASETS, TEXT_DATASETS, Dataset, load_dataset
+from .inspection import check_per_datapoint
 from .objectives import OBJECTIVES
 
 CONFIG = "config.json"
@@ -585,6 +586,7 @@ def build(config: TrainConfig) -> tuple[Dataset, torch.nn.Module]:
             config.model, x_dim=dataset.x_dim, likelihood=dataset.likelihood,
             hidden=config.hidden, z_dim=config.z_dim, activation=config.activation,
         )  # fmt: skip
+        check_per_datapoint(model.model, model.guide, dataset.split("train")[:2])
         return dataset, model
     try:
         model = _build_builtin(config, dataset)

@@ -162,6 +162,16 @@ def _replayed(fn: Callable, values: dict[str, torch.Tensor]) -> Callable:
     return replayed
 
 
+def masked(site: dict, log_prob: torch.Tensor) -> torch.Tensor:
+    """A site's log density with ``poutine.mask``'s mask applied: masked entries count 0."""
+    mask = site["mask"]
+    if mask is False:
+        return torch.zeros_like(log_prob)
+    if isinstance(mask, torch.Tensor):
+        return torch.where(mask, log_prob, torch.zeros_like(log_prob))
+    return log_prob
+
+
 @dataclass
 class Layout:
     """Where the particle and data dimensions sit in every site's batch shape."""
@@ -208,13 +218,9 @@ class Layout:
 
     def reduce(self, site: dict, log_prob: torch.Tensor) -> torch.Tensor:
         """Sum a site's log density over every batch dim but particles (and data plate)."""
-        mask = site["mask"]
         if self.scaled and site["scale"] is not None:
             log_prob = log_prob * site["scale"]
-        if mask is False:
-            log_prob = torch.zeros_like(log_prob)
-        elif isinstance(mask, torch.Tensor):
-            log_prob = torch.where(mask, log_prob, torch.zeros_like(log_prob))
+        log_prob = masked(site, log_prob)
         if log_prob.dim() > self.rank:
             raise PairError(
                 f"site {site['name']!r} has batch shape {tuple(log_prob.shape)} with more dims "
@@ -428,12 +434,7 @@ def enumerated_log_density(trace, layout: Layout, *, only=None) -> torch.Tensor:
                 "a model with enumerated sites: with plate=None the scale would enter the sum "
                 "over them; use the full data, or per-datapoint weights (plate='data')"
             )
-        log_prob = site["fn"].log_prob(site["value"])
-        mask = site["mask"]
-        if mask is False:
-            log_prob = torch.zeros_like(log_prob)
-        elif isinstance(mask, torch.Tensor):
-            log_prob = torch.where(mask, log_prob, torch.zeros_like(log_prob))
+        log_prob = masked(site, site["fn"].log_prob(site["value"]))
         dims = site["infer"]["_dim_to_symbol"]
         ordinal = frozenset(
             trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
@@ -469,8 +470,10 @@ def _get_trace(fn: Callable, args, kwargs, layout: Layout):
     """
     try:
         return poutine.trace(fn).get_trace(*args, **kwargs)
-    except PairError:
-        raise
+    except PairError as err:
+        # Pyro's trace re-raises an error with the trace's shapes appended: ours as it was
+        original = err.__cause__ if isinstance(err.__cause__, PairError) else err
+        raise original from None
     except Exception as err:
         if not layout.vectorised:
             raise

@@ -114,6 +114,23 @@ class Enumerated(Base):
             pyro.sample("z", dist.Normal(self.enc(xs), 1.0).to_event(1))
 
 
+class NoPlate(Base):
+    """The batch carried by the sample shapes (``.to_event(2)``), no data plate."""
+
+    def model(self, xs):
+        pyro.module("m", self)
+        z = pyro.sample("z", dist.Normal(xs.new_zeros(xs.shape[0], self.z_dim), 1.0).to_event(2))
+        logits = self.dec(z)
+        pyro.sample("x", dist.Bernoulli(logits=logits, validate_args=False).to_event(2), obs=xs)
+
+    def guide(self, xs):
+        pyro.sample("z", dist.Normal(self.enc(xs), 1.0).to_event(2))
+
+
+def no_plate(x_dim):
+    return NoPlate(x_dim)
+
+
 def map_encoder(x_dim):
     return MapEncoder(x_dim)
 

@@ -516,7 +516,8 @@ def test_the_command_trains_and_evaluates_ss_vae_m2_and_refuses_what_it_cannot(t
     assert "model site 'c' is enumerated" in err and "elbolab evaluate does" in err
     cases = {
         "map_encoder": r"guide site 'z' is a point mass",
-        "global_scale": r"site 's' lies outside plate 'data' \(a global latent",
+        "global_scale": r"site 's' lies in no plate, not in pyro.plate\('data'\).*global",
+        "no_plate": r"site 'z' lies in no plate, not in pyro.plate\('data'\)",
     }
     for factory, message in cases.items():
         for objective in ("elbo", "iwae"):
