@@ -459,6 +459,8 @@ def enumerated_log_density(trace, layout: Layout, *, only=None) -> torch.Tensor:
 class NotBroadcastable(PairError):
     """The pair failed under the particle plate, having run without it (the dry run)."""
 
+    detail = ""  # where it failed and how, for the warning of the one-at-a-time path
+
 
 def _get_trace(fn: Callable, args, kwargs, layout: Layout):
     """``fn``'s trace; a failure of the user's code under the particle plate is named as such.
@@ -468,8 +470,9 @@ def _get_trace(fn: Callable, args, kwargs, layout: Layout):
     leading dimension, as code written for one sample (``torch.cat([xs, ys],
     dim=1)``, ``z.view(x.shape)``) does not.
     """
+    traced = poutine.trace(fn)
     try:
-        return poutine.trace(fn).get_trace(*args, **kwargs)
+        return traced.get_trace(*args, **kwargs)
     except PairError as err:
         # Pyro's trace re-raises an error with the trace's shapes appended: ours as it was
         original = err.__cause__ if isinstance(err.__cause__, PairError) else err
@@ -478,13 +481,18 @@ def _get_trace(fn: Callable, args, kwargs, layout: Layout):
         if not layout.vectorised:
             raise
         first = (str(err).splitlines() or [""])[0][:200]
-        raise NotBroadcastable(
+        sampled = [n for n, s in traced.msngr.trace.nodes.items() if s["type"] == "sample"]
+        where = f"after site {sampled[-1]!r}" if sampled else "before its first site"
+        detail = f"it fails {where}: {type(err).__name__}: {first}"
+        refusal = NotBroadcastable(
             f"the model/guide pair does not broadcast over a leading particle dimension "
-            f"({type(err).__name__}: {first}), and this estimator draws its particles or chains "
-            "in one vectorised pass; write the networks to broadcast over leading dims (e.g. "
-            "torch.cat(..., dim=-1), z.reshape(*z.shape[:-1], ...)); the ELBO and IWAE bounds "
-            "and objectives evaluate such a pair one particle at a time"
-        ) from err
+            f"({detail}), and this estimator draws its particles or chains in one vectorised "
+            "pass; write the networks to broadcast over leading dims (e.g. torch.cat(..., "
+            "dim=-1), z.reshape(*z.shape[:-1], ...)); the ELBO and IWAE bounds and objectives "
+            "evaluate such a pair one particle at a time"
+        )
+        refusal.detail = detail
+        raise refusal from err
 
 
 def _particles(layout: Layout):
@@ -553,7 +561,7 @@ def weighted_sample(
     try:
         return _one_pass(model, guide, args, kwargs, layout, values=values, draw=draw)
     except NotBroadcastable as err:
-        vectorised_error = err.__cause__ or err
+        detail = err.detail
     layout.vectorised = False
     try:
         sample = _looped_sample(model, guide, args, kwargs, layout, values=values, draw=draw)
@@ -561,8 +569,7 @@ def weighted_sample(
         layout.vectorised = True
         raise
     warnings.warn(
-        "the model/guide pair does not broadcast over a leading particle dimension "
-        f"({type(vectorised_error).__name__}: {str(vectorised_error).splitlines()[0][:200]}): "
+        f"the model/guide pair does not broadcast over a leading particle dimension ({detail}): "
         "its particles are evaluated one at a time (slower, the same estimates)",
         RuntimeWarning,
         stacklevel=2,

@@ -308,7 +308,8 @@ def test_an_experiment_table_marks_cells_that_rest_on_a_violated_inequality(tmp_
     assert result["flagged"] == {"L=2": ["log p(x)", "KL gap"]}
     text = format_experiment(result)
     row = next(line for line in text.splitlines() if line.startswith("L=2"))
-    assert row.count("!") == 2
+    assert row.count("!") == 2 and "VIOLATED!" in row  # the KL gap cell: no number
+    assert row.count("-8.59") == 2  # log p(x) and L_h shown; the KL gap not
     assert "! L=2: log p(x) >= L_marg (seeds [0]) VIOLATED" in text
     assert "!" not in next(line for line in text.splitlines() if line.startswith("L=1"))
     assert plot_experiment(result, tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"

@@ -639,3 +639,23 @@ def test_compiled_evaluation_of_the_new_classes_draws_as_the_eager_one(float64):
         tried = evaluate_bounds(m2.model, m2.guide, xs, **settings, compile=True)
     assert not tried["compiled"]
     assert torch.equal(tried["iwae"][20].value, eager["iwae"][20].value)
+
+
+def test_evaluate_prints_the_error_of_a_monte_carlo_kl_and_of_a_gap_near_zero():
+    from inference.commands.evaluate import format_report
+
+    entry = {"mean": -10.0, "stderr": 0.02, "error": "monte carlo"}
+    report = {
+        "run": "r", "split": "test", "num_datapoints": 5, "data": "digits", "binarization": "b",
+        "seed": 0, "seconds": 1.0, "elbo": entry, "iwae": {"10": {**entry, "mean": -9.99}},
+        "decomposition": {"reconstruction": -9.97, "kl": -0.03, "entropy": 1.0},
+        "decomposition_stderr": {"reconstruction": 0.1, "kl": 0.05, "entropy": 0.1},
+        "kl_analytic": False,
+        "log_px": {**entry, "mean": -9.99, "k": 10, "estimator": "IWAE-10"},
+    }  # fmt: skip
+    text = format_report(report)
+    assert "KL(q||p) -0.030 +- 0.050 (Monte Carlo; s.e. across datapoints)" in text
+    assert "gap log p(x) - ELBO >= 0.010 +- 0.028 (not distinguishable from 0" in text
+    report["kl_analytic"], report["log_px"]["mean"] = True, -9.0
+    text = format_report(report)
+    assert "KL(q||p) -0.030 (analytic)" in text and "not distinguishable" not in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import sys
 import time
@@ -14,6 +15,7 @@ import torch
 
 from .. import diagnostics, distributed
 from ..ais import MIN_ACCEPTANCE, ais_over_data, annealing_pair
+from ..bounds import across_datapoints
 from ..evaluation import evaluate_bounds, perplexity, unigram_perplexity
 from ..runs import RunError, atomic_write, check_device, load_run, write_json
 from .flags import add_ais_flags, add_flags, ais_settings, datapoints, int_list, spread
@@ -108,6 +110,9 @@ def evaluate_run(
         "iwae": {str(k): b.summary() for k, b in result["iwae"].items()},
         "log_px": {**log_px.summary(), "k": k_max, "estimator": f"IWAE-{k_max}"},
         "decomposition": {name: float(v.mean()) for name, v in result["decomposition"].items()},
+        "decomposition_stderr": {
+            name: across_datapoints(v)["stderr"] for name, v in result["decomposition"].items()
+        },
         "kl_analytic": result["kl_analytic"],
         "khat": diagnostics.khat_summary(result["statistics"]["khat"].numpy()),
         "is_ess_median": float(result["statistics"]["is_ess"].median()),
@@ -215,17 +220,26 @@ def format_report(report: dict) -> str:
     ]
     lines += bound_table(bound_rows(report))
     dec = report["decomposition"]
-    kind = "analytic" if report["kl_analytic"] else "Monte Carlo"
+    if report["kl_analytic"]:  # exact per datapoint: no Monte Carlo error to print
+        kl = f"{dec['kl']:.3f} (analytic)"
+    else:  # a Monte Carlo estimate of a KL can come out below 0: its error beside it
+        se = report.get("decomposition_stderr", {}).get("kl", math.nan)
+        kl = f"{dec['kl']:.3f} +- {se:.3f} (Monte Carlo; s.e. across datapoints)"
     lines.append(
-        f"decomposition: reconstruction {dec['reconstruction']:.3f}, KL(q||p) {dec['kl']:.3f} "
-        f"({kind}), entropy {dec['entropy']:.3f}"
+        f"decomposition: reconstruction {dec['reconstruction']:.3f}, KL(q||p) {kl}, "
+        f"entropy {dec['entropy']:.3f}"
     )
     log_px = report["log_px"]
     iwae = report.get("iwae_log_px", log_px)
-    lines.append(
+    gap = log_px["mean"] - report["elbo"]["mean"]
+    gap_se = math.hypot(log_px["stderr"], report["elbo"]["stderr"])
+    line = (
         f"log p(x) ~ {log_px['mean']:.3f} +- {log_px['stderr']:.3f} ({log_px['estimator']}); "
-        f"gap log p(x) - ELBO >= {log_px['mean'] - report['elbo']['mean']:.3f}"
+        f"gap log p(x) - ELBO >= {gap:.3f}"
     )
+    if gap < 3 * gap_se:  # a gap cannot be negative: say how far from 0 it may be
+        line += f" +- {gap_se:.3f} (not distinguishable from 0 at 3 s.e.)"
+    lines.append(line)
     if "khat" in report:
         k = report["khat"]
         lines.append(

@@ -72,6 +72,8 @@ COLUMN_CHECKS = {
     "KL gap": "log p(x) >= L_marg",
     "I(z;h|x)": "L_marg >= L_h",
 }
+GAP_COLUMNS = ("KL gap", "I(z;h|x)")  # differences that cannot be negative where their
+# inequality holds: where it was VIOLATED the table prints that instead of the number
 TEXT_COLUMNS: dict[str, Callable[[dict], float]] = {
     "perplexity IWAE": lambda r: _iwae_perplexity(r),
     "perplexity AIS": lambda r: r["perplexity"]["log_px"]["mean"] if "ais" in r else math.nan,
@@ -292,7 +294,11 @@ def format_experiment(result: dict) -> str:
         cells = []
         for column in columns:
             m, s = row[column]["mean"], row[column]["stderr"]
-            mark = "!" if column in result.get("flagged", {}).get(name, []) else " "
+            flagged = column in result.get("flagged", {}).get(name, [])
+            if flagged and column in GAP_COLUMNS:  # never a gap with an impossible sign
+                cells.append(f"{'VIOLATED!':>17}")
+                continue
+            mark = "!" if flagged else " "
             cells.append(f"{'n/a':>17}" if math.isnan(m) else f"{m:>9.2f} +- {s:<5.2f}{mark}")
         lines.append(f"{name:<{width}}" + "".join(cells))
     for name, violated in result.get("violated", {}).items():
