@@ -228,7 +228,6 @@ class Layout:
             )
         log_prob = log_prob.reshape((1,) * (self.rank - log_prob.dim()) + log_prob.shape)
         if self.plate_dim is None:
-            self._no_such_plate(site)
             return log_prob.sum(tuple(range(1, self.rank))).expand(self.shape)
         if not any(f.name == self.plate for f in site["cond_indep_stack"]):
             outside = f"site {site['name']!r} lies outside plate {self.plate!r}"
@@ -247,22 +246,6 @@ class Layout:
         if others:
             log_prob = log_prob.sum(others, keepdim=True)
         return log_prob.reshape(log_prob.shape[0], log_prob.shape[keep]).expand(self.shape)
-
-    def _no_such_plate(self, site: dict) -> None:
-        """Refuse a named data plate that the pair lacks where it has plates of other names."""
-        if self.plate is None:
-            return
-        others = [f.name for f in site["cond_indep_stack"]
-                  if f.vectorized and f.name != PARTICLE_PLATE]  # fmt: skip
-        if others:
-            raise PairError(
-                f"no site lies in a plate named {self.plate!r}, and site {site['name']!r} lies "
-                f"in plate {others[0]!r}: pass plate={others[0]!r} for per-datapoint weights "
-                "(or plate=None for joint ones)",
-                command=f"no site lies in a plate named {self.plate!r} (site {site['name']!r} "
-                f"lies in plate {others[0]!r}): the elbolab command finds the datapoints by the "
-                f"plate's name; name it pyro.plate({self.plate!r}, ...)",
-            )
 
     def expand_factor(self, factor: torch.Tensor, value: torch.Tensor, event_dim: int):
         """Reshape a (K, N) or (K,) factor to broadcast against a site value."""
