@@ -510,6 +510,10 @@ def test_the_command_trains_and_evaluates_ss_vae_m2_and_refuses_what_it_cannot(t
     report = json.loads((run / "eval.json").read_text())
     assert report["elbo"]["mean"] <= report["iwae"]["20"]["mean"] + 3 * report["elbo"]["stderr"]
     assert not report["kl_analytic"]
+    # NUTS (Pyro's, enumerating c itself) against the guide's z
+    assert main(["diagnose", str(run), "--points", "1", "--chains", "1", "--samples", "30",
+                 "--warmup", "30", "--num-particles", "50", "--no-progress"]) == 0  # fmt: skip
+    assert json.loads((run / "diagnose.json").read_text())["site"] == "z"
     capsys.readouterr()
     err = _one_line(capsys, main(["gaps", str(run), "--k", "5", "--limit", "4",
                                   "--no-progress"]))  # fmt: skip
