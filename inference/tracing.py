@@ -34,7 +34,13 @@ from pyro.distributions.kl import kl_divergence
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from .inspection import PairError, check_guide_density, refuse_joint_log_mean
+from .inspection import (
+    PairError,
+    check_guide_density,
+    is_auxiliary,
+    is_point_mass,
+    refuse_joint_log_mean,
+)
 
 PARTICLE_PLATE = "_elbolab_particles"
 
@@ -736,6 +742,16 @@ def _decompose(guide_trace, model_trace, layout: Layout) -> tuple:
     """
     guide_sites = {s["name"]: s for s in sample_sites(guide_trace)}
     zeros = torch.zeros(layout.shape)
+    log_q = log_density(guide_trace, layout)
+    if any(is_auxiliary(s) or is_point_mass(s["fn"]) for s in guide_sites.values()):
+        # Latents carried by auxiliary draws (autoguides): log q(z) = log q(u) + the Deltas'
+        # log |du/dz|, and no per-site analytic KL or entropy means anything; Monte Carlo.
+        latent = {s["name"] for s in sample_sites(model_trace) if s["name"] in guide_sites}
+        log_p = (enumerated_log_density(model_trace, layout) if layout.enumerate
+                 else log_density(model_trace, layout))  # fmt: skip
+        prior = (enumerated_log_density(model_trace, layout, only=latent) if layout.enumerate
+                 else log_density(model_trace, layout, only=latent))  # fmt: skip
+        return log_p - prior, log_q - prior, -log_q, False
     entropy = zeros
     for q_site in guide_sites.values():
         try:
@@ -743,7 +759,6 @@ def _decompose(guide_trace, model_trace, layout: Layout) -> tuple:
         except NotImplementedError:
             entropy = entropy - site_log_density(q_site, layout)
     if layout.enumerate:
-        log_q = log_density(guide_trace, layout)
         log_p = enumerated_log_density(model_trace, layout)
         prior = enumerated_log_density(model_trace, layout, only=set(guide_sites))
         return log_p - prior, log_q - prior, entropy, False

@@ -145,3 +145,37 @@ def enumerated(x_dim):
 
 def m2(x_dim):
     return M2(x_dim)
+
+
+class PositiveLatent(nn.Module):
+    """z > 0 (LogNormal prior), the guide drawing log z as an auxiliary site, as AutoNormal does.
+
+    AIS moves the auxiliary draw: HMC on R^d, the Jacobian carried by the Delta's log_density.
+    """
+
+    def __init__(self, x_dim, z_dim=2):
+        super().__init__()
+        self.z_dim = z_dim
+        self.enc = nn.Linear(x_dim, 2 * z_dim)
+        self.dec = nn.Linear(z_dim, x_dim)
+
+    def model(self, xs):
+        pyro.module("m", self)
+        with pyro.plate("data", xs.shape[0]):
+            prior = dist.LogNormal(xs.new_zeros(xs.shape[0], self.z_dim), 1.0).to_event(1)
+            z = pyro.sample("z", prior)
+            logits = self.dec(z.log())
+            pyro.sample("x", dist.Bernoulli(logits=logits, validate_args=False).to_event(1), obs=xs)
+
+    def guide(self, xs):
+        with pyro.plate("data", xs.shape[0]):
+            out = self.enc(xs)
+            loc, scale = out[..., : self.z_dim], nn.functional.softplus(out[..., self.z_dim :])
+            u = pyro.sample("z_unconstrained", dist.Normal(loc, scale + 0.05).to_event(1),
+                            infer={"is_auxiliary": True})  # fmt: skip
+            # q(z) = q(u) |du/dz| = q(u) / z: the Delta carries log |du/dz| = -sum(u)
+            pyro.sample("z", dist.Delta(u.exp(), log_density=-u.sum(-1), event_dim=1))
+
+
+def positive_latent(x_dim):
+    return PositiveLatent(x_dim)
