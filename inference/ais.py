@@ -564,10 +564,18 @@ def bdmc(
     with torch.random.fork_rng(devices=[]):
         path.start()  # the sites and their shapes; the forward run's draws stay as they were
     if path.transforms:
-        raise PairError(
+        what = (
             f"guide sites {sorted(path.sites)} are auxiliary draws behind the latents (an "
-            "autoguide): reverse AIS must start from the exact posterior sample in that space; "
-            "run BDMC with initial='prior', or with a guide that samples the latents directly"
+            "autoguide): reverse AIS must start from the exact posterior sample in that space"
+        )
+        advice = (
+            "BDMC needs a guide that samples the latents directly, or (latents with real "
+            "support) initial='prior'"
+        )
+        raise PairError(
+            f"{what}; {advice}",
+            command=f"{what}, which elbolab bdmc does not do yet; evaluate --ais gives the "
+            "forward bound from this guide",
         )
     lower = annealed_log_marginal(model, guide, x_sim, **settings, **kwargs)
     start = {

@@ -116,7 +116,7 @@ def test_bdmc_from_an_autoguide_is_refused_in_one_line(float64):
     guide = AutoNormal(centred_schools)
     y = torch.tensor(Y)
     _fit(centred_schools, guide, y, steps=5)
-    with pytest.raises(PairError, match=r"auxiliary draws behind the latents.*initial='prior'"):
+    with pytest.raises(PairError, match=r"auxiliary draws behind the latents.*samples the latents"):
         bdmc(centred_schools, guide, y, num_points=1, num_chains=2, num_temperatures=2,
              plate=None)  # fmt: skip
 
@@ -699,3 +699,7 @@ def test_ais_from_the_command_moves_an_auxiliary_guides_unconstrained_draws(tmp_
     dec = report["decomposition"]
     assert not report["kl_analytic"] and dec["kl"] > 0
     assert abs(dec["reconstruction"] - dec["kl"] - report["elbo"]["mean"]) < 0.3
+    capsys.readouterr()
+    err = _one_line(capsys, main(["bdmc", str(run), "--points", "2", "--temperatures", "5",
+                                  "--chains", "2", "--no-progress"]))  # fmt: skip
+    assert "auxiliary draws behind the latents" in err and "evaluate --ais" in err

@@ -17,6 +17,7 @@ from pathlib import Path
 import pyro
 
 from ..ais import SCHEDULES, annealing_pair, bdmc, bdmc_summary
+from ..inspection import PairError
 from ..plots import plot_bdmc
 from ..runs import RunError, load_run, write_json
 from .flags import AIS_COMPILE_HELP, add_flags, int_list
@@ -58,7 +59,8 @@ def bdmc_run(
                 progress=progress, compile=compile,
             )  # fmt: skip
         except ValueError as err:
-            raise RunError(f"bdmc: {err}") from None
+            detail = err.for_command() if isinstance(err, PairError) else str(err)
+            raise RunError(f"bdmc: {detail}") from None
         rows.append({"temperatures": temps, **bdmc_summary(result),
                      "seconds": time.perf_counter() - tic})  # fmt: skip
     report = {
