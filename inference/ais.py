@@ -10,10 +10,12 @@ log w += (beta_t - beta_{t-1}) [log p(x, z) - log q(z | x)] followed by an HMC
 transition that leaves f_{beta_t} invariant. E[w] = p(x) for each chain, so
 log of the mean over chains is a stochastic *lower* bound on log p(x)
 (Jensen), tight as the path gets fine. With one temperature it is importance
-sampling with the guide. The latents must be continuous with unconstrained
-support; for an encoder with auxiliary layers the state is every guide
-latent and the target the extended p(x, z) r(h | z, x), whose marginal is
-the same p(x).
+sampling with the guide. The latents must be continuous; a latent whose
+support is not the real line is moved as u = T^-1(z), T = biject_to(support),
+the log-Jacobian added to target and start alike (as Pyro's HMC does), so the
+weights are unchanged. For an encoder with auxiliary layers the state is
+every guide latent and the target the extended p(x, z) r(h | z, x), whose
+marginal is the same p(x).
 
 BDMC (Grosse, Ghahramani & Adams 2015): on data simulated from the model,
 (z, x) ~ p, z is an exact posterior sample, so AIS run backwards from it
@@ -44,9 +46,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pyro
 import torch
 from pyro import poutine
-from torch.distributions import constraints
+from pyro.distributions.util import sum_rightmost
+from torch.distributions import biject_to, constraints
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -149,6 +153,7 @@ class _Path:
         self.fallback: str | None = None
         self.compile_seconds = 0.0
         self.transforms = False  # the chains move auxiliary draws (see start)
+        self.bijections: dict = {}  # site -> biject_to(support), where it is not the real line
 
     def start(self) -> dict[str, torch.Tensor]:
         """Draws from the initial distribution (guide or prior), with their sites checked.
@@ -172,20 +177,57 @@ class _Path:
             sites = [s for s in sample_sites(trace) if not s["is_observed"]]
             self.transforms = False
         self.sites = {s["name"]: s for s in sites}
+        self.bijections = {}
         for site in self.sites.values():
             support = site["fn"].support
-            while isinstance(support, constraints.independent):
-                support = support.base_constraint
-            if support is not constraints.real:
+            base = support
+            while isinstance(base, constraints.independent):
+                base = base.base_constraint
+            if base is constraints.real:
+                continue
+            if support.is_discrete:
                 raise PairError(
-                    f"AIS with HMC needs latents with real support; site {site['name']!r} has "
-                    f"{support} (reparameterise it to an unconstrained variable, or anneal from "
-                    "an AutoNormal guide, whose chains move in unconstrained space)"
+                    f"AIS with HMC needs continuous latents; site {site['name']!r} is discrete "
+                    f"({base}): HMC cannot move it (sum it out of the model with "
+                    "config_enumerate for the bounds, or condition on it)"
                 )
-        return {name: s["value"].detach() for name, s in self.sites.items()}
+            self.bijections[site["name"]] = biject_to(support)
+        return {n: self.unconstrained(n, s["value"].detach()) for n, s in self.sites.items()}
+
+    def unconstrained(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """u = T^-1(z) for a site whose support is not the real line (T = biject_to(support))."""
+        transform = self.bijections.get(name)
+        return value if transform is None else transform.inv(value)
+
+    def constrained(self, values: dict) -> tuple[dict, torch.Tensor | float]:
+        """z = T(u) for every site, and log |det dT/du| summed per chain and datapoint.
+
+        The chains move u on R^d, as Pyro's HMC does (``biject_to`` of each
+        support); the Jacobian enters the target and the initial density
+        alike, so it cancels in the weights p/q and shapes only the moves.
+        """
+        if not self.bijections:
+            return values, 0.0
+        out, jacobian = dict(values), 0.0
+        for name, transform in self.bijections.items():
+            u = values[name]
+            z = out[name] = transform(u)
+            site = self.sites[name]
+            ldj = sum_rightmost(transform.log_abs_det_jacobian(u, z),
+                                site["fn"].event_dim - transform.codomain.event_dim)  # fmt: skip
+            jacobian = jacobian + self.layout.reduce(site, ldj)
+        return out, jacobian
 
     def log_parts(self, values) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p(x, z) (times the Jacobian, from auxiliary draws) and log f_0, each (chains, N)."""
+        """log p(x, z) and log f_0(z), each (chains, N), both with log |det dz/du|."""
+        values, jacobian = self.constrained(values)
+        # a leapfrog step may leave a support's numerical range (exp overflows): its log
+        # density is then not finite and the proposal rejected, not a validation error
+        with pyro.validation_enabled(False):
+            log_p, log_0 = self._log_parts(values)
+        return log_p + jacobian, log_0 + jacobian
+
+    def _log_parts(self, values) -> tuple[torch.Tensor, torch.Tensor]:
         replay = {**self.minibatch, **values}
         if self.transforms:
             guide_trace = trace_guide(self.guide, self.args, self.kwargs, self.layout,
@@ -415,8 +457,10 @@ def annealed_log_marginal(
     Parameters
     ----------
     model, guide : callable
-        A Pyro pair taking ``*args, **kwargs``; the latents continuous with
-        real support and, with ``plate``, inside the data plate.
+        A Pyro pair taking ``*args, **kwargs``; the latents continuous (any
+        support: the chains move in unconstrained space, through
+        ``biject_to(support)`` as Pyro's HMC does) and, with ``plate``, inside
+        the data plate. ``guide`` may be None with ``initial="prior"``.
     num_chains : int
         Independent annealing runs per datapoint.
     num_temperatures : int
@@ -472,7 +516,15 @@ def annealed_log_marginal(
                        compiled=path.compiled is not None)  # fmt: skip
 
 
+def _no_guide(*args, **kwargs) -> None:
+    """The guide of a run from the prior that was given none: it samples nothing."""
+
+
 def _make_path(model, guide, args, kwargs, num_chains, plate, initial) -> _Path:
+    if guide is None:
+        if initial != "prior":
+            raise ValueError("AIS without a guide starts from the prior: pass initial='prior'")
+        guide = _no_guide
     guide_trace, model_trace = dry_traces(model, guide, args, kwargs)
     if plate is None:
         refuse_joint_log_mean(guide_trace, model_trace, "AIS weights")
@@ -568,10 +620,7 @@ def bdmc(
             f"guide sites {sorted(path.sites)} are auxiliary draws behind the latents (an "
             "autoguide): reverse AIS must start from the exact posterior sample in that space"
         )
-        advice = (
-            "BDMC needs a guide that samples the latents directly, or (latents with real "
-            "support) initial='prior'"
-        )
+        advice = "BDMC needs a guide that samples the latents directly, or initial='prior'"
         raise PairError(
             f"{what}; {advice}",
             command=f"{what}, which elbolab bdmc does not do yet; evaluate --ais gives the "
@@ -579,7 +628,9 @@ def bdmc(
         )
     lower = annealed_log_marginal(model, guide, x_sim, **settings, **kwargs)
     start = {
-        name: _expand_chains(exact[name], site["fn"].event_dim, path.layout)
+        name: path.unconstrained(
+            name, _expand_chains(exact[name], site["fn"].event_dim, path.layout)
+        )  # fmt: skip
         for name, site in path.sites.items()
     }
     betas = temperature_schedule(num_temperatures, schedule).flip(0)

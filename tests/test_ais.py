@@ -152,7 +152,10 @@ def test_hmc_leaves_the_posterior_invariant(float64, compiled):
     assert torch.allclose(torch.cov(z.T).diagonal(), cov.diagonal(), rtol=0.1)
 
 
-def test_constrained_latents_are_refused(float64):
+def test_constrained_latents_move_in_unconstrained_space(float64):
+    """Gamma-Poisson per datapoint: p(x_n) = NegativeBinomial; the chains move log rate."""
+    x = torch.tensor([1.0, 2.0, 7.0])
+
     def model(x):
         with pyro.plate("data", len(x)):
             rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
@@ -162,9 +165,84 @@ def test_constrained_latents_are_refused(float64):
         with pyro.plate("data", len(x)):
             pyro.sample("rate", dist.Gamma(3.0, 1.0))
 
-    with pytest.raises(ValueError, match="'rate' has .*real support|real support; site 'rate'"):
-        annealed_log_marginal(model, guide, torch.tensor([1.0, 2.0]), num_chains=2,
-                              num_temperatures=2)  # fmt: skip
+    # Gamma(a, b) mixed Poisson: NegativeBinomial(total_count=a, probs=1/(1+b))
+    exact = dist.NegativeBinomial(2.0, probs=torch.tensor(0.5)).log_prob(x)
+    est = annealed_log_marginal(model, guide, x, num_chains=32, num_temperatures=100,
+                                compile=False)  # fmt: skip
+    assert float(est.acceptance.mean()) > 0.5
+    assert ((est.value - exact).abs() < 4 * est.stderr + 0.01).all(), (est.value, exact)
+
+    # and with the exact posterior Gamma(2 + x, 2) as guide every weight is log p(x_n)
+    def posterior(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("rate", dist.Gamma(2.0 + x, 2.0))
+
+    est = annealed_log_marginal(model, posterior, x, num_chains=4, num_temperatures=10,
+                                compile=False)  # fmt: skip
+    assert torch.allclose(est.log_weights, exact.expand(4, 3), atol=1e-10)
+
+
+def test_evidence_of_global_constrained_latents_from_the_prior_without_a_guide(float64):
+    """Gamma-Poisson and Dirichlet-categorical, annealed from the prior (no guide at all)."""
+    x = torch.tensor([3.0, 5.0, 2.0, 4.0, 6.0, 1.0])
+
+    def gamma_poisson(x):
+        rate = pyro.sample("rate", dist.Gamma(2.0, 0.5))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Poisson(rate), obs=x)
+
+    s, n = float(x.sum()), len(x)
+    exact = (2 * math.log(0.5) - math.lgamma(2) + math.lgamma(2 + s) - (2 + s) * math.log(0.5 + n)
+             - float(torch.lgamma(x + 1).sum()))  # fmt: skip
+    est = annealed_log_marginal(gamma_poisson, None, x, num_chains=32, num_temperatures=200,
+                                initial="prior", plate=None, compile=False)  # fmt: skip
+    assert abs(float(est.value) - exact) < 4 * float(est.stderr) + 0.01, (est.value, exact)
+
+    c = torch.tensor([0, 2, 2, 1, 2, 0, 2])
+    alpha = torch.tensor([1.0, 2.0, 0.5])
+
+    def dirichlet(c):
+        theta = pyro.sample("theta", dist.Dirichlet(alpha))  # the simplex: stick-breaking
+        with pyro.plate("data", len(c)):
+            pyro.sample("c", dist.Categorical(theta), obs=c)
+
+    counts = torch.bincount(c, minlength=3).double()
+    exact = float(torch.lgamma(alpha.sum()) - torch.lgamma(alpha.sum() + len(c))
+                  + (torch.lgamma(alpha + counts) - torch.lgamma(alpha)).sum())  # fmt: skip
+    pyro.set_rng_seed(2)
+    est = annealed_log_marginal(dirichlet, None, c, num_chains=64, num_temperatures=300,
+                                initial="prior", plate=None, compile=False)  # fmt: skip
+    assert abs(float(est.value) - exact) < 4 * float(est.stderr) + 0.01, (est.value, exact)
+
+    def posterior(c):
+        pyro.sample("theta", dist.Dirichlet(alpha + counts))
+
+    est = annealed_log_marginal(dirichlet, posterior, c, num_chains=4, num_temperatures=10,
+                                plate=None, compile=False)  # fmt: skip
+    assert torch.allclose(est.log_weights, torch.full_like(est.log_weights, exact), atol=1e-10)
+    with pytest.raises(ValueError, match="initial='prior'"):
+        annealed_log_marginal(dirichlet, None, c, num_chains=2, num_temperatures=2, plate=None)
+
+
+def test_bdmc_brackets_a_positive_latent(float64):
+    """z_n ~ LogNormal(0, 1), x_n ~ N(log z_n, 1): the bracket on simulated data holds."""
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.LogNormal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z.log(), 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.LogNormal(x / 3, 0.9))
+
+    result = bdmc(model, guide, torch.zeros(4), num_points=4, num_chains=16,
+                  num_temperatures=100, compile=False)  # fmt: skip
+    exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(result["x"])
+    lower, upper = result["lower"], result["upper"]
+    assert (lower.value <= exact + 4 * lower.stderr + 0.01).all()
+    assert (upper.value >= exact - 4 * upper.stderr - 0.01).all()
+    assert (result["gap"].abs() < 0.1).all()
 
 
 def test_ais_and_bdmc_from_the_command_line(tmp_path, capsys):
