@@ -13,7 +13,9 @@ log of the mean over chains is a stochastic *lower* bound on log p(x)
 sampling with the guide. The latents must be continuous; a latent whose
 support is not the real line is moved as u = T^-1(z), T = biject_to(support),
 the log-Jacobian added to target and start alike (as Pyro's HMC does), so the
-weights are unchanged. For an encoder with auxiliary layers the state is
+weights are unchanged. Discrete sites the model marks for enumeration
+(``config_enumerate``) are summed out of the target exactly, as Pyro's HMC
+does. For an encoder with auxiliary layers the state is
 every guide latent and the target the extended p(x, z) r(h | z, x), whose
 marginal is the same p(x).
 
@@ -39,6 +41,7 @@ decoder-based generative models, ICLR.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -60,6 +63,7 @@ from .inspection import PairError, check_guide_density, is_point_mass, refuse_jo
 from .tracing import (
     Layout,
     dry_traces,
+    enumerated_log_density,
     log_density,
     plate_nesting,
     replay_values,
@@ -154,6 +158,7 @@ class _Path:
         self.compile_seconds = 0.0
         self.transforms = False  # the chains move auxiliary draws (see start)
         self.bijections: dict = {}  # site -> biject_to(support), where it is not the real line
+        self.enumerated: set[str] = set()  # model sites summed out of the target
 
     def start(self) -> dict[str, torch.Tensor]:
         """Draws from the initial distribution (guide or prior), with their sites checked.
@@ -171,10 +176,14 @@ class _Path:
             check_guide_density(trace, self.guide, self.args, self.kwargs)
             sites = [s for s in sample_sites(trace) if not is_point_mass(s["fn"])]
             self.transforms = len(sites) < len(list(sample_sites(trace)))
-        else:
-            trace = trace_model(self.model, self.args, self.kwargs, self.layout,
+        else:  # drawn from the prior with every site, enumerated ones too; those are summed
+            unenumerated = dataclasses.replace(self.layout, enumerate=False)
+            trace = trace_model(self.model, self.args, self.kwargs, unenumerated,
                                 values=self.minibatch, free=_all_sites)  # fmt: skip
-            sites = [s for s in sample_sites(trace) if not s["is_observed"]]
+            self.layout.plate_dim, self.layout.plate_size = (unenumerated.plate_dim,
+                                                             unenumerated.plate_size)  # fmt: skip
+            sites = [s for s in sample_sites(trace)
+                     if not s["is_observed"] and s["name"] not in self.enumerated]  # fmt: skip
             self.transforms = False
         self.sites = {s["name"]: s for s in sites}
         self.bijections = {}
@@ -235,14 +244,20 @@ class _Path:
             model_trace = trace_model(self.model, self.args, self.kwargs, self.layout,
                                       values=replay_values(guide_trace))  # fmt: skip
             jacobian = log_density(guide_trace, self.layout, exclude=set(values))
-            return (log_density(model_trace, self.layout) - jacobian,
+            return (self._model_density(model_trace) - jacobian,
                     log_density(guide_trace, self.layout, only=set(values)))  # fmt: skip
         model_trace = trace_model(self.model, self.args, self.kwargs, self.layout, values=replay)
-        log_p = log_density(model_trace, self.layout)
-        if self.initial == "prior":
-            return log_p, log_density(model_trace, self.layout, only=set(values))
+        log_p = self._model_density(model_trace)
+        if self.initial == "prior":  # the latents' prior, enumerated sites summed out of it
+            return log_p, self._model_density(model_trace, only=set(values))
         guide_trace = trace_guide(self.guide, self.args, self.kwargs, self.layout, values=replay)
         return log_p, log_density(guide_trace, self.layout)
+
+    def _model_density(self, model_trace, only=None) -> torch.Tensor:
+        """log p(x, z) (or of the sites ``only``), enumerated sites summed out exactly."""
+        if self.layout.enumerate:
+            return enumerated_log_density(model_trace, self.layout, only=only)
+        return log_density(model_trace, self.layout, only=only)
 
     def evaluate(self, values: dict[str, torch.Tensor], *, value: bool = True) -> _State:
         """The state at ``values``; without ``value`` the log densities may be left out."""
@@ -529,8 +544,17 @@ def _make_path(model, guide, args, kwargs, num_chains, plate, initial) -> _Path:
     if plate is None:
         refuse_joint_log_mean(guide_trace, model_trace, "AIS weights")
     nesting, minibatch = plate_nesting(guide_trace, model_trace), subsample_values(guide_trace)
-    layout = Layout(num_chains, nesting, plate)
-    return _Path(model, guide, args, kwargs, layout, minibatch, initial)
+    # discrete sites the model marks for enumeration: summed out of the target exactly, as
+    # Pyro's HMC does, so that the chains move the continuous latents alone
+    enumerated = {
+        s["name"] for s in sample_sites(model_trace)
+        if not s["is_observed"] and s["infer"].get("enumerate") == "parallel"
+        and s["name"] not in guide_trace.nodes
+    }  # fmt: skip
+    layout = Layout(num_chains, nesting, plate, enumerate=bool(enumerated))
+    path = _Path(model, guide, args, kwargs, layout, minibatch, initial)
+    path.enumerated = enumerated
+    return path
 
 
 def simulate(model: Callable, x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, dict]:
