@@ -524,10 +524,13 @@ def test_the_command_trains_and_evaluates_ss_vae_m2_and_refuses_what_it_cannot(t
     run = tmp_path / "enumerated"
     assert main(["train", "--model", f"{MODELS}:enumerated", "--objective", "iwae", "--out",
                  str(run), *TINY]) == 0  # fmt: skip
-    assert main(["evaluate", str(run), "--k", "1,20", "--limit", "30", "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "--k", "1,20", "--limit", "30", "--ais", "--ais-chains",
+                 "4", "--ais-temperatures", "20", "--no-progress"]) == 0  # fmt: skip
     report = json.loads((run / "eval.json").read_text())
     assert report["elbo"]["mean"] <= report["iwae"]["20"]["mean"] + 3 * report["elbo"]["stderr"]
     assert not report["kl_analytic"]
+    assert report["ais"]["acceptance"] > 0.5  # c summed out of AIS's target too
+    assert abs(report["ais"]["mean"] - report["iwae"]["20"]["mean"]) < 1.0
     # NUTS (Pyro's, enumerating c itself) against the guide's z
     assert main(["diagnose", str(run), "--points", "1", "--chains", "1", "--samples", "30",
                  "--warmup", "30", "--num-particles", "50", "--no-progress"]) == 0  # fmt: skip
