@@ -59,12 +59,18 @@ from tqdm.auto import tqdm
 from . import distributed
 from .bounds import Bound, iwae_bound, log_mean_weight_stderr, logsumexp
 from .distributed import World
-from .inspection import PairError, check_guide_density, is_point_mass, refuse_joint_log_mean
+from .inspection import (
+    PairError,
+    check_guide_density,
+    is_enumerated,
+    is_point_mass,
+    refuse_joint_log_mean,
+)
 from .tracing import (
     Layout,
     dry_traces,
-    enumerated_log_density,
     log_density,
+    model_log_density,
     plate_nesting,
     replay_values,
     sample_sites,
@@ -244,20 +250,14 @@ class _Path:
             model_trace = trace_model(self.model, self.args, self.kwargs, self.layout,
                                       values=replay_values(guide_trace))  # fmt: skip
             jacobian = log_density(guide_trace, self.layout, exclude=set(values))
-            return (self._model_density(model_trace) - jacobian,
+            return (model_log_density(model_trace, self.layout) - jacobian,
                     log_density(guide_trace, self.layout, only=set(values)))  # fmt: skip
         model_trace = trace_model(self.model, self.args, self.kwargs, self.layout, values=replay)
-        log_p = self._model_density(model_trace)
+        log_p = model_log_density(model_trace, self.layout)
         if self.initial == "prior":  # the latents' prior, enumerated sites summed out of it
-            return log_p, self._model_density(model_trace, only=set(values))
+            return log_p, model_log_density(model_trace, self.layout, only=set(values))
         guide_trace = trace_guide(self.guide, self.args, self.kwargs, self.layout, values=replay)
         return log_p, log_density(guide_trace, self.layout)
-
-    def _model_density(self, model_trace, only=None) -> torch.Tensor:
-        """log p(x, z) (or of the sites ``only``), enumerated sites summed out exactly."""
-        if self.layout.enumerate:
-            return enumerated_log_density(model_trace, self.layout, only=only)
-        return log_density(model_trace, self.layout, only=only)
 
     def evaluate(self, values: dict[str, torch.Tensor], *, value: bool = True) -> _State:
         """The state at ``values``; without ``value`` the log densities may be left out."""
@@ -546,11 +546,7 @@ def _make_path(model, guide, args, kwargs, num_chains, plate, initial) -> _Path:
     nesting, minibatch = plate_nesting(guide_trace, model_trace), subsample_values(guide_trace)
     # discrete sites the model marks for enumeration: summed out of the target exactly, as
     # Pyro's HMC does, so that the chains move the continuous latents alone
-    enumerated = {
-        s["name"] for s in sample_sites(model_trace)
-        if not s["is_observed"] and s["infer"].get("enumerate") == "parallel"
-        and s["name"] not in guide_trace.nodes
-    }  # fmt: skip
+    enumerated = {s["name"] for s in sample_sites(model_trace) if is_enumerated(s, guide_trace)}
     layout = Layout(num_chains, nesting, plate, enumerate=bool(enumerated))
     path = _Path(model, guide, args, kwargs, layout, minibatch, initial)
     path.enumerated = enumerated

@@ -103,6 +103,15 @@ def is_auxiliary(site: dict) -> bool:
     return bool(site["infer"].get("is_auxiliary"))
 
 
+def is_enumerated(site: dict, sampled) -> bool:
+    """A model site to sum out: marked for parallel enumeration, not among ``sampled``."""
+    return (
+        not site["is_observed"]
+        and site["infer"].get("enumerate") == "parallel"
+        and site["name"] not in sampled
+    )
+
+
 _TRANSFORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -297,7 +306,7 @@ def inspect_pair(model: Callable, guide: Callable, *args, plate: str | None = "d
                     role = "observed"
                 elif name in guide_sites:
                     role = "latent"
-                elif site["infer"].get("enumerate") == "parallel":
+                elif is_enumerated(site, guide_sites):
                     role = "enumerated"
                 else:
                     role = "not sampled by the guide"
@@ -351,6 +360,7 @@ __all__ = [
     "has_trainable_inputs",
     "inner_distributions",
     "is_auxiliary",
+    "is_enumerated",
     "is_point_mass",
     "is_reparameterised",
     "non_reparameterised_sites",

@@ -38,6 +38,7 @@ from .inspection import (
     PairError,
     check_guide_density,
     is_auxiliary,
+    is_enumerated,
     is_point_mass,
     refuse_joint_log_mean,
 )
@@ -360,17 +361,15 @@ class _StopAtEnumerated(Messenger):
         if (
             self.active
             and not msg["done"]
-            and not msg["is_observed"]
-            and msg["infer"].get("enumerate") == "parallel"
-            and msg["name"] not in self.values
+            and is_enumerated(msg, self.values)
             and msg["name"] not in self.free
         ):
             what = f"model site {msg['name']!r} is enumerated (config_enumerate)"
             raise Enumerated(
                 f"{what} and this estimator does not sum enumerated sites out; sample it in the "
-                "guide, or use the ELBO and IWAE bounds, which sum it out exactly",
+                "guide, or use the ELBO and IWAE bounds or AIS, which sum it out exactly",
                 command=f"{what}, and this command does not sum enumerated sites out yet; "
-                "elbolab evaluate does (ELBO and IWAE-k)",
+                "elbolab evaluate does (ELBO, IWAE-k, --ais)",
             )
 
 
@@ -443,6 +442,13 @@ def enumerated_log_density(trace, layout: Layout, *, only=None) -> torch.Tensor:
     if layout.plate_size is None:
         layout.plate_size = result.shape[layout.rank + layout.plate_dim]
     return result.reshape(result.shape[0], -1).expand(layout.shape)
+
+
+def model_log_density(trace, layout: Layout, *, only=None) -> torch.Tensor:
+    """log p of a model trace (of the sites ``only``), any enumerated sites summed out."""
+    if layout.enumerate:
+        return enumerated_log_density(trace, layout, only=only)
+    return log_density(trace, layout, only=only)
 
 
 class NotBroadcastable(PairError):
@@ -578,11 +584,8 @@ def _one_pass(model, guide, args, kwargs, layout: Layout, *, values=None, draw=N
             layout.enumerate = True  # and for the caller's later calls
     if layout.enumerate:
         model_trace = trace_model(model, args, kwargs, layout, values=replay)
-        log_p = enumerated_log_density(model_trace, layout)
-    else:
-        log_p = log_density(model_trace, layout)
     return WeightedSample(
-        log_p,
+        model_log_density(model_trace, layout),
         log_density(guide_trace, layout),
         layout,
         guide_trace,
@@ -743,25 +746,18 @@ def _decompose(guide_trace, model_trace, layout: Layout) -> tuple:
     guide_sites = {s["name"]: s for s in sample_sites(guide_trace)}
     zeros = torch.zeros(layout.shape)
     log_q = log_density(guide_trace, layout)
-    if any(is_auxiliary(s) or is_point_mass(s["fn"]) for s in guide_sites.values()):
-        # Latents carried by auxiliary draws (autoguides): log q(z) = log q(u) + the Deltas'
-        # log |du/dz|, and no per-site analytic KL or entropy means anything; Monte Carlo.
-        latent = {s["name"] for s in sample_sites(model_trace) if s["name"] in guide_sites}
-        log_p = (enumerated_log_density(model_trace, layout) if layout.enumerate
-                 else log_density(model_trace, layout))  # fmt: skip
-        prior = (enumerated_log_density(model_trace, layout, only=latent) if layout.enumerate
-                 else log_density(model_trace, layout, only=latent))  # fmt: skip
-        return log_p - prior, log_q - prior, -log_q, False
-    entropy = zeros
-    for q_site in guide_sites.values():
+    # Latents carried by auxiliary draws (autoguides): log q(z) = log q(u) + the Deltas'
+    # log |du/dz|, and no per-site analytic KL or entropy means anything.
+    transforms = any(is_auxiliary(s) or is_point_mass(s["fn"]) for s in guide_sites.values())
+    entropy = -log_q if transforms else zeros
+    for q_site in () if transforms else guide_sites.values():
         try:
             entropy = entropy + layout.reduce(q_site, q_site["fn"].entropy())
         except NotImplementedError:
             entropy = entropy - site_log_density(q_site, layout)
-    if layout.enumerate:
-        log_p = enumerated_log_density(model_trace, layout)
-        prior = enumerated_log_density(model_trace, layout, only=set(guide_sites))
-        return log_p - prior, log_q - prior, entropy, False
+    if transforms or layout.enumerate:  # Monte Carlo, against the latents' (marginal) prior
+        prior = model_log_density(model_trace, layout, only=set(guide_sites))
+        return model_log_density(model_trace, layout) - prior, log_q - prior, entropy, False
     # Conditioned latent sites are marked observed in the model trace: tell them by name.
     recon = kl = zeros
     analytic = True
