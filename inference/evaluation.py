@@ -282,7 +282,7 @@ class _ChunkedWeights:
         with torch.no_grad():
             log_w = weighted_sample(self.model, self.guide, (x,), {}, layout).log_w
         # what the first chunk learnt (enumerated sites, particles one at a time) the next know
-        self.found = {"vectorised": layout.vectorised, "enumerate": layout.enumerate}
+        self.found = layout.found
         return {"log_w": log_w}
 
     def _capture(self, x: torch.Tensor) -> torch.Tensor | None:

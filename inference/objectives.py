@@ -87,7 +87,7 @@ class LogWeightObjective:
         self.num_particles = int(num_particles)
         self.plate = plate
         self._nesting: int | None = None
-        self._found = {"vectorised": True, "enumerate": False}  # what the first call learnt
+        self._found: dict = {}  # what the first call learnt of the pair (Layout.found)
 
     def _layout(self, model, guide, args, kwargs) -> Layout:
         if self._nesting is None:
@@ -97,7 +97,7 @@ class LogWeightObjective:
 
     def _sample(self, model, guide, args, kwargs, layout: Layout, **options):
         sample = weighted_sample(model, guide, args, kwargs, layout, **options)
-        self._found = {"vectorised": layout.vectorised, "enumerate": layout.enumerate}
+        self._found = layout.found
         if self.plate is None and self.joint_log_mean:
             refuse_joint_log_mean(sample.guide_trace, sample.model_trace,
                                   f"{self.name.upper()} objective's weights")  # fmt: skip

@@ -193,6 +193,11 @@ class Layout:
     enumerate: bool = False  # the model's enumerated sites summed out (see trace_model)
 
     @property
+    def found(self) -> dict:
+        """What a pass learnt of the pair, for the layouts of later passes to start from."""
+        return {"vectorised": self.vectorised, "enumerate": self.enumerate}
+
+    @property
     def rank(self) -> int:
         return self.max_plate_nesting + 1
 
@@ -280,9 +285,9 @@ class WeightedSample:
     def log_w(self) -> torch.Tensor:
         return self.log_p - self.log_q
 
-    def guide_log_density(self, only, *, scaled: bool = False) -> torch.Tensor:
-        """log q of the guide sites named in ``only``, (K, N), without plate scales unless asked."""
-        layout = dataclasses.replace(self.layout, scaled=scaled)
+    def guide_log_density(self, only) -> torch.Tensor:
+        """log q of the guide sites named in ``only``, (K, N), without plate scales."""
+        layout = dataclasses.replace(self.layout, scaled=False)
         if self.guide_traces is None:
             return log_density(self.guide_trace, layout, only=only)
         layout.num_particles = 1
@@ -684,7 +689,7 @@ def log_importance_weights(
             sample = weighted_sample(model, guide, args, kwargs, layout, values=minibatch)
             if plate is None:
                 refuse_joint_log_mean(sample.guide_trace, sample.model_trace, "log weights")
-            found = {"vectorised": layout.vectorised, "enumerate": layout.enumerate}
+            found = layout.found
             assert sample.log_w.shape[0] == size
             chunks.append(sample.log_w)
     return torch.cat(chunks, 0)
