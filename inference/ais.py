@@ -68,6 +68,7 @@ from .inspection import (
 )
 from .tracing import (
     Layout,
+    NotBroadcastable,
     dry_traces,
     log_density,
     model_log_density,
@@ -79,8 +80,10 @@ from .tracing import (
     trace_model,
 )
 
-SCHEDULES = ("sigmoid", "linear")
+SCHEDULES = ("sigmoid", "linear", "adaptive")
 INITIALS = ("guide", "prior")
+TARGET_CESS = 0.999  # the adaptive schedule's conditional ESS per temperature step
+MAX_TEMPERATURES = 10_000  # the adaptive schedule's default cap
 MIN_ACCEPTANCE = 0.05  # below it, AIS warns that its chains did not move
 COMPILE_MIN_EVALUATIONS = 5000  # temperatures x leapfrog steps (see worth_compiling)
 
@@ -91,8 +94,11 @@ def temperature_schedule(
     """``num_temperatures + 1`` inverse temperatures from 0 to 1 (float64), increasing.
 
     ``sigmoid`` (Grosse, Maddison & Salakhutdinov 2013): sigma(delta (2t/T - 1)),
-    rescaled to [0, 1], denser at both ends; ``linear``: evenly spaced.
+    rescaled to [0, 1], denser at both ends; ``linear``: evenly spaced. The
+    ``adaptive`` schedule is placed during a run (:func:`adaptive_schedule`).
     """
+    if schedule == "adaptive":
+        raise ValueError("the adaptive schedule is placed by a run: see adaptive_schedule")
     if schedule not in SCHEDULES:
         raise ValueError(f"AIS schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
     if num_temperatures < 1:
@@ -104,6 +110,56 @@ def temperature_schedule(
     return (s - s[0]) / (s[-1] - s[0])
 
 
+def conditional_ess(log_w: torch.Tensor, log_ratio: torch.Tensor, delta: float) -> torch.Tensor:
+    r"""Conditional ESS fraction of the weight update by ``delta`` (Zhou, Johansen & Aston 2016).
+
+    With normalised weights W_i (from ``log_w``, chains first) and increments
+    v_i = exp(delta r_i): (sum_i W_i v_i)^2 / sum_i W_i v_i^2, in (0, 1],
+    per datapoint (the dims after the first).
+    """
+    log_W = log_w - logsumexp(log_w, 0)
+    step = delta * log_ratio
+    return (2 * logsumexp(log_W + step, 0) - logsumexp(log_W + 2 * step, 0)).exp()
+
+
+def next_temperature(beta: float, log_w: torch.Tensor, log_ratio: torch.Tensor,
+                     target: float = TARGET_CESS) -> float:  # fmt: skip
+    """The largest beta' in (beta, 1] whose update keeps each datapoint's conditional ESS >= target.
+
+    Found by bisection; the same beta' for every datapoint (the one the
+    hardest of them allows), so the chains stay vectorised.
+    """
+    log_w, log_ratio = log_w.double(), log_ratio.double()
+    log_ratio = torch.where(torch.isfinite(log_ratio), log_ratio, torch.full_like(log_ratio, -1e30))
+
+    def worst(delta: float) -> float:
+        return float(conditional_ess(log_w, log_ratio, delta).min())
+
+    room = 1.0 - beta
+    if worst(room) >= target:
+        return 1.0
+    lo, hi = 0.0, room
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if worst(mid) >= target else (lo, mid)
+    return beta + max(lo, 1e-12 * room)
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """An adaptive schedule: each step keeps the conditional ESS at ``target``, at most ``cap``."""
+
+    target: float = TARGET_CESS
+    cap: int = MAX_TEMPERATURES
+
+    def __post_init__(self):
+        if not 0.0 < self.target < 1.0:
+            raise ValueError(f"the adaptive schedule's target ESS must lie in (0, 1), got "
+                             f"{self.target}")  # fmt: skip
+        if self.cap < 1:
+            raise ValueError(f"the adaptive schedule's cap must be >= 1, got {self.cap}")
+
+
 @dataclass(frozen=True)
 class AISEstimate(Bound):
     """Per-datapoint log p(x) estimate with its delta-method error, and how the run went.
@@ -111,13 +167,20 @@ class AISEstimate(Bound):
     ``value``/``stderr`` as :class:`~inference.bounds.Bound` (shape (N,));
     ``log_weights`` (chains, N); ``acceptance`` the mean HMC acceptance rate
     per datapoint; ``step_size`` the final leapfrog step size per datapoint;
-    ``compiled`` whether the model's evaluation ran compiled.
+    ``compiled`` whether the model's evaluation ran compiled; ``betas`` the
+    inverse temperatures it ran through (placed by a pilot run for the
+    adaptive schedule).
     """
 
     log_weights: torch.Tensor | None = None
     acceptance: torch.Tensor | None = None
     step_size: torch.Tensor | None = None
     compiled: bool = False
+    betas: torch.Tensor | None = None
+
+    @property
+    def num_temperatures(self) -> int | None:
+        return None if self.betas is None else len(self.betas) - 1
 
 
 @dataclass
@@ -165,9 +228,50 @@ class _Path:
         self.transforms = False  # the chains move auxiliary draws (see start)
         self.bijections: dict = {}  # site -> biject_to(support), where it is not the real line
         self.enumerated: set[str] = set()  # model sites summed out of the target
+        self.latents: dict = {}  # the model's latent sites (dry run), enumerated ones aside
+        self.looped = False  # the model is evaluated one chain at a time (see start)
+        self.single: Layout | None = None  # the layout of one chain, then
+        self.natural: dict[str, torch.Size] = {}  # each site's shape in one chain's trace
 
     def start(self) -> dict[str, torch.Tensor]:
         """Draws from the initial distribution (guide or prior), with their sites checked.
+
+        A model that does not broadcast over a leading chain dimension (as
+        Pyro's NUTS, which runs one chain, does not need) is evaluated one
+        chain at a time, with a warning: the same algorithm, slower.
+        """
+        try:
+            values = self._start(self.layout)
+            with torch.no_grad():
+                self.log_parts(values)  # the model's evaluation broadcasts over the chains
+        except NotBroadcastable as err:
+            detail = err.detail
+        else:
+            return values
+        self.looped = True
+        self.single = Layout(1, self.layout.max_plate_nesting, self.layout.plate,
+                             vectorised=False, enumerate=self.layout.enumerate)  # fmt: skip
+        draws = [self._start(self.single) for _ in range(self.layout.num_particles)]
+        self.layout.plate_dim = self.single.plate_dim
+        self.layout.plate_size = self.single.plate_size
+        self.natural = {name: site["value"].shape for name, site in self.sites.items()}
+        values = {
+            name: torch.cat(
+                [_expand_chains(d[name], site["fn"].event_dim, self.single) for d in draws]
+            )  # fmt: skip
+            for name, site in self.sites.items()
+        }
+        self.sites = {name: {**site, "value": values[name]} for name, site in self.sites.items()}
+        warnings.warn(
+            f"AIS: the model does not broadcast over a leading chain dimension ({detail}): its "
+            "chains are evaluated one at a time (slower, the same algorithm)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return values
+
+    def _start(self, layout: Layout) -> dict[str, torch.Tensor]:
+        """Draws from the initial distribution under ``layout``; the sites kept in ``self.sites``.
 
         From a guide whose latents are transforms of auxiliary draws (Pyro's
         ``AutoNormal``, ``AutoDiagonalNormal``, ``AutoMultivariateNormal``:
@@ -176,18 +280,15 @@ class _Path:
         so the weights p/q are those of the latents, and u lives on R^d.
         """
         if self.initial == "guide":
-            trace = trace_guide(
-                self.guide, self.args, self.kwargs, self.layout, values=self.minibatch
-            )
+            trace = trace_guide(self.guide, self.args, self.kwargs, layout, values=self.minibatch)
             check_guide_density(trace, self.guide, self.args, self.kwargs)
             sites = [s for s in sample_sites(trace) if not is_point_mass(s["fn"])]
             self.transforms = len(sites) < len(list(sample_sites(trace)))
         else:  # drawn from the prior with every site, enumerated ones too; those are summed
-            unenumerated = dataclasses.replace(self.layout, enumerate=False)
+            unenumerated = dataclasses.replace(layout, enumerate=False)
             trace = trace_model(self.model, self.args, self.kwargs, unenumerated,
                                 values=self.minibatch, free=_all_sites)  # fmt: skip
-            self.layout.plate_dim, self.layout.plate_size = (unenumerated.plate_dim,
-                                                             unenumerated.plate_size)  # fmt: skip
+            layout.plate_dim, layout.plate_size = unenumerated.plate_dim, unenumerated.plate_size
             sites = [s for s in sample_sites(trace)
                      if not s["is_observed"] and s["name"] not in self.enumerated]  # fmt: skip
             self.transforms = False
@@ -239,25 +340,33 @@ class _Path:
         # a leapfrog step may leave a support's numerical range (exp overflows): its log
         # density is then not finite and the proposal rejected, not a validation error
         with pyro.validation_enabled(False):
-            log_p, log_0 = self._log_parts(values)
+            if self.looped:
+                parts = [
+                    self._log_parts(
+                        {n: v[i].reshape(self.natural[n]) for n, v in values.items()}, self.single
+                    )  # fmt: skip
+                    for i in range(self.layout.num_particles)
+                ]
+                log_p, log_0 = (torch.cat(part) for part in zip(*parts, strict=True))
+            else:
+                log_p, log_0 = self._log_parts(values, self.layout)
         return log_p + jacobian, log_0 + jacobian
 
-    def _log_parts(self, values) -> tuple[torch.Tensor, torch.Tensor]:
+    def _log_parts(self, values, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         replay = {**self.minibatch, **values}
         if self.transforms:
-            guide_trace = trace_guide(self.guide, self.args, self.kwargs, self.layout,
-                                      values=replay)  # fmt: skip
-            model_trace = trace_model(self.model, self.args, self.kwargs, self.layout,
+            guide_trace = trace_guide(self.guide, self.args, self.kwargs, layout, values=replay)
+            model_trace = trace_model(self.model, self.args, self.kwargs, layout,
                                       values=replay_values(guide_trace))  # fmt: skip
-            jacobian = log_density(guide_trace, self.layout, exclude=set(values))
-            return (model_log_density(model_trace, self.layout) - jacobian,
-                    log_density(guide_trace, self.layout, only=set(values)))  # fmt: skip
-        model_trace = trace_model(self.model, self.args, self.kwargs, self.layout, values=replay)
-        log_p = model_log_density(model_trace, self.layout)
+            jacobian = log_density(guide_trace, layout, exclude=set(values))
+            return (model_log_density(model_trace, layout) - jacobian,
+                    log_density(guide_trace, layout, only=set(values)))  # fmt: skip
+        model_trace = trace_model(self.model, self.args, self.kwargs, layout, values=replay)
+        log_p = model_log_density(model_trace, layout)
         if self.initial == "prior":  # the latents' prior, enumerated sites summed out of it
-            return log_p, model_log_density(model_trace, self.layout, only=set(values))
-        guide_trace = trace_guide(self.guide, self.args, self.kwargs, self.layout, values=replay)
-        return log_p, log_density(guide_trace, self.layout)
+            return log_p, model_log_density(model_trace, layout, only=set(values))
+        guide_trace = trace_guide(self.guide, self.args, self.kwargs, layout, values=replay)
+        return log_p, log_density(guide_trace, layout)
 
     def evaluate(self, values: dict[str, torch.Tensor], *, value: bool = True) -> _State:
         """The state at ``values``; without ``value`` the log densities may be left out."""
@@ -275,6 +384,9 @@ class _Path:
     def _evaluate(self, values: dict[str, torch.Tensor]) -> _State:
         leaves = {k: v.detach().requires_grad_(True) for k, v in values.items()}
         inputs = list(leaves.values())
+        if not inputs:  # a model without latents: its evidence is its likelihood, exactly
+            log_p, log_0 = self.log_parts(leaves)
+            return _State(values, log_p.detach(), torch.as_tensor(log_0).expand_as(log_p), {}, {})
         with torch.enable_grad():
             log_p, log_0 = self.log_parts(leaves)
             grad_p = torch.autograd.grad(log_p.sum(), inputs, retain_graph=True, allow_unused=True)
@@ -303,6 +415,10 @@ class _Path:
         """
         from .compiled import Captured, _mismatch, why_not
 
+        if self.looped:
+            self.fallback = "the model is evaluated one chain at a time"
+            warnings.warn(f"AIS runs eagerly: {self.fallback}", RuntimeWarning, stacklevel=3)
+            return
         tic = time.perf_counter()
         tensors = [v.detach() for v in values.values()]
         try:
@@ -413,27 +529,59 @@ def worth_compiling(num_temperatures: int, leapfrog_steps: int) -> bool:
 
 def _anneal(path: _Path, values, betas, *, step_size, leapfrog_steps, target_accept, progress,
             desc, compile: bool):  # fmt: skip
-    """Run the chains along ``betas`` (either direction); the log weights and acceptance."""
+    """Run the chains along ``betas``; the log weights, final values, acceptance, step sizes, betas.
+
+    ``betas`` is a tensor of inverse temperatures (either direction) or an
+    :class:`Adaptive` schedule, placed as the run goes (from 0 to 1): each
+    next beta the largest whose weight update keeps the conditional ESS of
+    every datapoint at the target.
+    """
+    adaptive = betas if isinstance(betas, Adaptive) else None
+    betas = [0.0] if adaptive is not None else betas.tolist()
     n = path.layout.plate_size or 1
     step = torch.full((n,), float(step_size), dtype=torch.get_default_dtype())
     log_w = torch.zeros(path.layout.shape, dtype=torch.float64)
     accepted = torch.zeros(n, dtype=torch.float64)
-    betas = betas.tolist()
-    if compile and len(betas) > 2:
+    if (
+        compile
+        and path.compiled is None
+        and path.fallback is None
+        and (adaptive is not None or len(betas) > 2)
+    ):
         path.compile(values)
     state = path.evaluate(values)
-    transitions = 0
-    for t in tqdm(range(1, len(betas)), desc=desc, disable=not progress, leave=False):
+    transitions, t, capped = 0, 0, False
+    bar = tqdm(total=None if adaptive else len(betas) - 1, desc=desc, disable=not progress,
+               leave=False)  # fmt: skip
+    while True:
+        if adaptive is not None and betas[-1] < 1.0:
+            capped = len(betas) == adaptive.cap
+            betas.append(1.0 if capped else next_temperature(betas[-1], log_w, state.log_ratio,
+                                                             adaptive.target))  # fmt: skip
+        t += 1
+        if t >= len(betas):
+            break
         log_w += (betas[t] - betas[t - 1]) * state.log_ratio.double()
-        if t + 1 == len(betas):
+        bar.update(1)
+        if adaptive is not None:
+            bar.set_postfix(beta=f"{betas[t]:.3g}", refresh=False)
+        if t + 1 == len(betas) and (adaptive is None or betas[t] >= 1.0):
             break  # a last transition would not change any weight
         state, prob = hmc_step(path, state, betas[t], step, leapfrog_steps)
         rate = prob.reshape(prob.shape[0], -1).mean(0)
         step = step * torch.where(rate > target_accept, 1.02, 0.98).to(step.dtype)
         accepted += rate.double()
         transitions += 1
+    bar.close()
+    if capped:
+        warnings.warn(
+            f"AIS: the adaptive schedule reached its cap of {adaptive.cap} temperatures at "
+            f"beta = {betas[-2]:.3g} and jumped to 1 from there; raise the cap (num_temperatures)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     acceptance = accepted / max(transitions, 1)
-    return log_w, state.values, acceptance, step
+    return log_w, state.values, acceptance, step, torch.tensor(betas, dtype=torch.float64)
 
 
 def annealing_pair(model) -> tuple[Callable, Callable]:
@@ -453,10 +601,10 @@ def annealing_pair(model) -> tuple[Callable, Callable]:
 
 def annealed_log_marginal(
     model: Callable,
-    guide: Callable,
+    guide: Callable | None,
     *args,
     num_chains: int,
-    num_temperatures: int,
+    num_temperatures: int | None = None,
     leapfrog_steps: int = 10,
     schedule: str = "sigmoid",
     plate: str | None = "data",
@@ -465,6 +613,8 @@ def annealed_log_marginal(
     target_accept: float = 0.65,
     progress: bool = False,
     compile: bool | None = None,
+    betas: torch.Tensor | None = None,
+    target_ess: float = TARGET_CESS,
     **kwargs,
 ) -> AISEstimate:
     r"""AIS estimate of log p(x) per datapoint, a stochastic lower bound, with its error.
@@ -474,18 +624,25 @@ def annealed_log_marginal(
     model, guide : callable
         A Pyro pair taking ``*args, **kwargs``; the latents continuous (any
         support: the chains move in unconstrained space, through
-        ``biject_to(support)`` as Pyro's HMC does) and, with ``plate``, inside
-        the data plate. ``guide`` may be None with ``initial="prior"``.
+        ``biject_to(support)`` as Pyro's HMC does) or enumerated and, with
+        ``plate``, inside the data plate. ``guide`` may be None with
+        ``initial="prior"``.
     num_chains : int
         Independent annealing runs per datapoint.
     num_temperatures : int
-        T, the steps from beta = 0 to 1 (T = 1 is importance sampling).
+        T, the steps from beta = 0 to 1 (T = 1 is importance sampling); for
+        the adaptive schedule the most it may place (default 10,000).
     leapfrog_steps : int
         Leapfrog steps per HMC transition.
-    schedule : {"sigmoid", "linear"}
+    schedule : {"sigmoid", "linear", "adaptive"}
         Spacing of the inverse temperatures (:func:`temperature_schedule`).
+        ``adaptive`` places them in a pilot run, each step the largest that
+        keeps every datapoint's conditional ESS at ``target_ess`` (as
+        adaptive-tempered SMC does), then runs fresh chains along them, so
+        that the weights stay unbiased; ``betas`` of the estimate says how
+        many it used.
     plate : str or None
-        The data plate (None: one joint estimate).
+        The data plate (None: one joint estimate, the model's evidence).
     initial : {"guide", "prior"}
         The distribution at beta = 0.
     step_size, target_accept : float
@@ -496,30 +653,42 @@ def annealed_log_marginal(
         not; by default a run of many evaluations compiles
         (:func:`worth_compiling`). The same estimate to float rounding; a
         model that cannot be compiled runs eagerly, with a warning.
+    betas : tensor, optional
+        The inverse temperatures themselves (from 0 to 1), instead of a
+        schedule: a BDMC run reuses the ones an adaptive run placed.
+    target_ess : float
+        The adaptive schedule's conditional ESS per step, in (0, 1).
 
     Returns
     -------
     AISEstimate
         ``value`` and ``stderr`` (delta method over chains) of shape (N,), the
-        log weights, acceptance rates and final step sizes.
+        log weights, acceptance rates, final step sizes and the betas.
     """
     if initial not in INITIALS:
         raise ValueError(f"initial must be one of {', '.join(INITIALS)}, got {initial!r}")
     if num_chains < 1 or leapfrog_steps < 1:
         raise ValueError("AIS needs num_chains >= 1 and leapfrog_steps >= 1")
-    betas = temperature_schedule(num_temperatures, schedule)
+    settings = dict(step_size=step_size, leapfrog_steps=leapfrog_steps,
+                    target_accept=target_accept, progress=progress)  # fmt: skip
     path = _make_path(model, guide, args, kwargs, num_chains, plate, initial)
-    values = path.start()
+    if betas is None and schedule == "adaptive":
+        adaptive = Adaptive(target_ess, num_temperatures or MAX_TEMPERATURES)
+        *_, betas = _anneal(path, path.start(), adaptive, desc="AIS schedule",
+                            compile=bool(compile), **settings)  # fmt: skip
+    elif betas is None:
+        if num_temperatures is None:
+            raise ValueError(f"the {schedule} schedule needs num_temperatures")
+        betas = temperature_schedule(num_temperatures, schedule)
+    betas = _checked_betas(betas)
+    temperatures = len(betas) - 1
     if compile is None:
-        compile = worth_compiling(num_temperatures, leapfrog_steps)
-    log_w, _, acceptance, step = _anneal(
-        path, values, betas, step_size=step_size, leapfrog_steps=leapfrog_steps,
-        target_accept=target_accept, progress=progress, desc=f"AIS-{num_temperatures}",
-        compile=compile,
-    )  # fmt: skip
+        compile = worth_compiling(temperatures, leapfrog_steps)
+    log_w, _, acceptance, step, _ = _anneal(path, path.start(), betas, desc=f"AIS-{temperatures}",
+                                            compile=compile, **settings)  # fmt: skip
     bound = iwae_bound(log_w)
     moved = float(acceptance.mean())
-    if num_temperatures > 1 and moved < MIN_ACCEPTANCE:
+    if temperatures > 1 and moved < MIN_ACCEPTANCE:
         warnings.warn(
             f"AIS: HMC accepted {moved:.1%} of its proposals: the chains barely moved, and the "
             "estimate is little more than importance sampling from the initial distribution; "
@@ -528,7 +697,20 @@ def annealed_log_marginal(
             stacklevel=2,
         )
     return AISEstimate(bound.value, bound.stderr, log_w, acceptance, step,
-                       compiled=path.compiled is not None)  # fmt: skip
+                       compiled=path.compiled is not None, betas=betas)  # fmt: skip
+
+
+def _checked_betas(betas) -> torch.Tensor:
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    if (
+        betas.dim() != 1
+        or len(betas) < 2
+        or betas[0] != 0
+        or betas[-1] != 1
+        or (betas.diff() <= 0).any()
+    ):
+        raise ValueError("betas must increase from 0 to 1 (at least two of them)")
+    return betas
 
 
 def _no_guide(*args, **kwargs) -> None:
@@ -550,6 +732,8 @@ def _make_path(model, guide, args, kwargs, num_chains, plate, initial) -> _Path:
     layout = Layout(num_chains, nesting, plate, enumerate=bool(enumerated))
     path = _Path(model, guide, args, kwargs, layout, minibatch, initial)
     path.enumerated = enumerated
+    path.latents = {s["name"]: s for s in sample_sites(model_trace)
+                    if not s["is_observed"] and s["name"] not in enumerated}  # fmt: skip
     return path
 
 
@@ -591,14 +775,30 @@ def _expand_chains(value: torch.Tensor, event_dim: int, layout: Layout) -> torch
     return value.expand(layout.num_particles, *value.shape[1:]).clone()
 
 
+def simulate_observations(model: Callable, *args, **kwargs) -> tuple[dict, dict]:
+    """Every observed site drawn from the model at the same arguments, and the latents with them.
+
+    The latents are an exact sample of the posterior given the simulated
+    observations (the model run with ``poutine.uncondition``).
+    """
+    with torch.no_grad():
+        trace = poutine.trace(poutine.uncondition(model)).get_trace(*args, **kwargs)
+    sites = list(sample_sites(trace))
+    observed = {s["name"]: s["value"] for s in sites if s["infer"].get("was_observed")}
+    if not observed:
+        raise ValueError("the model observes no site: there is no data to simulate")
+    latents = {s["name"]: s["value"] for s in sites if s["name"] not in observed}
+    return observed, latents
+
+
 def bdmc(
     model: Callable,
-    guide: Callable,
+    guide: Callable | None,
     x: torch.Tensor,
     *,
     num_points: int,
     num_chains: int,
-    num_temperatures: int,
+    num_temperatures: int | None = None,
     leapfrog_steps: int = 10,
     schedule: str = "sigmoid",
     initial: str = "guide",
@@ -607,6 +807,8 @@ def bdmc(
     progress: bool = False,
     plate: str = "data",
     compile: bool | None = None,
+    betas: torch.Tensor | None = None,
+    target_ess: float = TARGET_CESS,
     **kwargs,
 ) -> dict:
     r"""Bidirectional Monte Carlo on ``num_points`` datapoints simulated from the model.
@@ -614,7 +816,9 @@ def bdmc(
     ``x`` only gives the data's shape (its first ``num_points`` rows). Forward
     AIS gives a stochastic lower bound and reverse AIS, started at the exact
     posterior sample of each simulated datapoint, a stochastic upper bound on
-    its log p(x); both with delta-method errors over chains.
+    its log p(x); both with delta-method errors over chains. The settings
+    are those of :func:`annealed_log_marginal`; the reverse run goes back
+    along the forward run's betas (those an adaptive schedule placed too).
 
     Returns
     -------
@@ -629,35 +833,56 @@ def bdmc(
     settings = dict(
         num_chains=num_chains, num_temperatures=num_temperatures, leapfrog_steps=leapfrog_steps,
         schedule=schedule, plate=plate, initial=initial, step_size=step_size,
-        target_accept=target_accept, progress=progress,
-        compile=worth_compiling(num_temperatures, leapfrog_steps) if compile is None else compile,
+        target_accept=target_accept, progress=progress, compile=compile, betas=betas,
+        target_ess=target_ess,
     )  # fmt: skip
-    path = _make_path(model, guide, (x_sim,), kwargs, num_chains, plate, initial)
-    with torch.random.fork_rng(devices=[]):
-        path.start()  # the sites and their shapes; the forward run's draws stay as they were
-    if path.transforms:
-        what = (
-            f"guide sites {sorted(path.sites)} are auxiliary draws behind the latents (an "
-            "autoguide): reverse AIS must start from the exact posterior sample in that space"
-        )
-        advice = "BDMC needs a guide that samples the latents directly, or initial='prior'"
-        raise PairError(
-            f"{what}; {advice}",
-            command=f"{what}, which elbolab bdmc does not do yet; evaluate --ais gives the "
-            "forward bound from this guide",
-        )
-    lower = annealed_log_marginal(model, guide, x_sim, **settings, **kwargs)
-    start = {
-        name: path.unconstrained(
-            name, _expand_chains(exact[name], site["fn"].event_dim, path.layout)
-        )  # fmt: skip
-        for name, site in path.sites.items()
-    }
-    betas = temperature_schedule(num_temperatures, schedule).flip(0)
-    log_w, _, acceptance, _ = _anneal(
-        path, start, betas, step_size=step_size, leapfrog_steps=leapfrog_steps,
-        target_accept=target_accept, progress=progress, desc=f"reverse AIS-{num_temperatures}",
-        compile=settings["compile"],
+    return {**_sandwich(model, guide, (x_sim,), kwargs, exact, settings), "x": x_sim}
+
+
+def bdmc_joint(model: Callable, guide: Callable | None, *args, **settings) -> dict:
+    r"""BDMC on one data set simulated from the model at the same arguments: log p(D) bracketed.
+
+    Every observed site is drawn anew (:func:`simulate_observations`) and the
+    model conditioned on the draws (``poutine.condition``); forward AIS from
+    ``initial`` and reverse AIS from the latents drawn with the data bracket
+    the simulated data's evidence. ``settings`` are those of
+    :func:`annealed_log_marginal` (with ``plate=None``) and the model's
+    keyword arguments. The guide sees the arguments as given.
+
+    Returns
+    -------
+    dict
+        ``lower``, ``upper``, ``gap`` (scalars as one-element tensors),
+        ``observed`` (the simulated observations), ``acceptance``.
+    """
+    names = ("num_chains", "num_temperatures", "leapfrog_steps", "schedule", "initial",
+             "step_size", "target_accept", "progress", "compile", "betas",
+             "target_ess")  # fmt: skip
+    ais = {k: settings.pop(k) for k in names if k in settings}
+    observed, exact = simulate_observations(model, *args, **settings)
+    conditioned = poutine.condition(model, data=observed)
+    result = _sandwich(conditioned, guide, args, settings, exact, {**ais, "plate": None})
+    return {**result, "observed": observed}
+
+
+def _sandwich(model, guide, args, kwargs, exact: dict, settings: dict) -> dict:
+    """Forward AIS on the data in ``args``/``kwargs`` and reverse AIS from the latents ``exact``."""
+    num_chains = settings["num_chains"]
+    path = _make_path(model, guide, args, kwargs, num_chains, settings["plate"],
+                      settings.get("initial", "guide"))  # fmt: skip
+    with torch.random.fork_rng(devices=[]):  # the forward run's draws stay as they were
+        path.start()  # the sites and their shapes
+        start = _reverse_start(path, exact)
+    lower = annealed_log_marginal(model, guide, *args, **settings, **kwargs)
+    betas = lower.betas
+    compile = settings.get("compile")
+    if compile is None:
+        compile = worth_compiling(len(betas) - 1, settings.get("leapfrog_steps", 10))
+    log_w, _, acceptance, _, _ = _anneal(
+        path, start, betas.flip(0), step_size=settings.get("step_size", 0.1),
+        leapfrog_steps=settings.get("leapfrog_steps", 10),
+        target_accept=settings.get("target_accept", 0.65), progress=settings.get("progress"),
+        desc=f"reverse AIS-{len(betas) - 1}", compile=compile,
     )  # fmt: skip
     # mean of the reverse weights estimates 1 / p(x): minus its log is an upper bound
     lse = logsumexp(log_w, 0)
@@ -666,9 +891,76 @@ def bdmc(
         "lower": lower,
         "upper": upper,
         "gap": upper.value - lower.value,
-        "x": x_sim,
         "acceptance": {"forward": lower.acceptance, "reverse": acceptance},
     }
+
+
+def _reverse_start(path: _Path, exact: dict) -> dict[str, torch.Tensor]:
+    """The exact posterior sample as the chains' state, one copy per chain.
+
+    Each latent as u = T^-1(z) in unconstrained space; from an autoguide the
+    auxiliary draw that the guide maps to z (``AutoNormal``: per site;
+    ``AutoContinuous`` guides: the unconstrained latents packed in the
+    guide's order), checked by running the guide from it.
+    """
+    if not path.transforms:
+        return {
+            name: path.unconstrained(
+                name, _expand_chains(exact[name], site["fn"].event_dim, path.layout)
+            )  # fmt: skip
+            for name, site in path.sites.items()
+        }
+    latents = {name: _expand_chains(exact[name], site["fn"].event_dim, path.layout)
+               for name, site in path.latents.items()}  # fmt: skip
+    for candidate in (_per_site_auxiliary, _packed_auxiliary):
+        values = candidate(path, latents)
+        if values is not None and _reproduces(path, values, latents):
+            return values
+    raise PairError(
+        f"reverse AIS cannot start from the exact posterior sample: the guide's auxiliary sites "
+        f"{sorted(path.sites)} are not the unconstrained latents of an AutoNormal or of an "
+        "AutoContinuous guide; use initial='prior', or a guide that samples the latents"
+    )
+
+
+def _per_site_auxiliary(path: _Path, latents: dict) -> dict | None:
+    names = {f"{name}_unconstrained": name for name in latents}
+    if set(path.sites) != set(names):
+        return None
+    return {aux: biject_to(path.latents[name]["fn"].support).inv(latents[name])
+            for aux, name in names.items()}  # fmt: skip
+
+
+def _packed_auxiliary(path: _Path, latents: dict) -> dict | None:
+    prototype = getattr(path.guide, "prototype_trace", None)
+    if len(path.sites) != 1 or prototype is None:
+        return None
+    ((aux, site),) = path.sites.items()
+    batch = site["value"].shape[:-1]
+    parts = []
+    for name, proto in prototype.iter_stochastic_nodes():
+        if name not in latents:
+            return None
+        u = biject_to(proto["fn"].support).inv(latents[name])
+        parts.append(u.reshape(*batch, -1))
+    packed = torch.cat(parts, -1)
+    return {aux: packed} if packed.shape == site["value"].shape else None
+
+
+def _reproduces(path: _Path, values: dict, latents: dict) -> bool:
+    """Whether the guide run from auxiliary ``values`` puts its latents at ``latents``."""
+    try:
+        with torch.no_grad():
+            trace = trace_guide(path.guide, path.args, path.kwargs, path.layout,
+                                values={**path.minibatch, **values})  # fmt: skip
+            return all(
+                torch.allclose(
+                    *torch.broadcast_tensors(trace.nodes[name]["value"], z), rtol=1e-6, atol=1e-8
+                )  # fmt: skip
+                for name, z in latents.items()
+            )
+    except Exception:  # a guide that cannot run from these values: not its auxiliary space
+        return False
 
 
 def bdmc_summary(result: dict) -> dict:

@@ -239,8 +239,9 @@ class Layout:
                 f"than its {self.max_plate_nesting} plate(s)"
             )
         log_prob = log_prob.reshape((1,) * (self.rank - log_prob.dim()) + log_prob.shape)
-        if self.plate_dim is None:
-            return log_prob.sum(tuple(range(1, self.rank))).expand(self.shape)
+        if self.plate_dim is None:  # (sum over an empty tuple of dims would sum them all)
+            summed = log_prob.sum(tuple(range(1, self.rank))) if self.rank > 1 else log_prob
+            return summed.expand(self.shape)
         if not any(f.name == self.plate for f in site["cond_indep_stack"]):
             outside = f"site {site['name']!r} lies outside plate {self.plate!r}"
             raise PairError(

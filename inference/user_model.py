@@ -112,12 +112,18 @@ def check_unchanged(reference: str, recorded: str | None, *, run_dir: Path | Non
         )
 
 
+def load_object(reference: str) -> Callable:
+    """The callable a ``FILE.py:NAME`` or ``MODULE:NAME`` reference names."""
+    target, attr = _split(reference)
+    obj = getattr(_module(target), attr, None)
+    if not callable(obj):
+        raise ModelError(f"--model: {target} defines no callable {attr!r}")
+    return obj
+
+
 def build_user_model(reference: str, **options) -> torch.nn.Module:
     """Call the factory with the ``options`` its signature accepts; check what it returns."""
-    target, attr = _split(reference)
-    factory = getattr(_module(target), attr, None)
-    if not callable(factory):
-        raise ModelError(f"--model: {target} defines no callable {attr!r}")
+    factory = load_object(reference)
     params = inspect.signature(factory).parameters
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in options.items() if k in OPTIONS and (takes_all or k in params)}

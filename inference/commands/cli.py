@@ -22,11 +22,11 @@ from ..distributed import DistributedError
 from ..inspection import PairError
 from ..runs import RunError
 from ..user_model import ModelError
-from . import bdmc, compare, demo, diagnose, evaluate, experiment, gaps, rbm, train
+from . import bdmc, compare, demo, diagnose, evaluate, evidence, experiment, gaps, rbm, train
 from .flags import Parser
 
 # In the order ``elbolab --help`` lists them.
-COMMANDS = (train, evaluate, gaps, bdmc, experiment, diagnose, compare, rbm, demo)
+COMMANDS = (train, evaluate, gaps, bdmc, evidence, experiment, diagnose, compare, rbm, demo)
 # TrainingDiverged is a RunError.
 USER_ERRORS = (DataError, RunError, ModelError, DistributedError)
 
