@@ -169,7 +169,8 @@ class AISEstimate(Bound):
     per datapoint; ``step_size`` the final leapfrog step size per datapoint;
     ``compiled`` whether the model's evaluation ran compiled; ``betas`` the
     inverse temperatures it ran through (placed by a pilot run for the
-    adaptive schedule).
+    adaptive schedule) and ``step_sizes`` the step size at each, where they
+    were fixed in advance (the adaptive schedule's pilot learnt them).
     """
 
     log_weights: torch.Tensor | None = None
@@ -177,6 +178,7 @@ class AISEstimate(Bound):
     step_size: torch.Tensor | None = None
     compiled: bool = False
     betas: torch.Tensor | None = None
+    step_sizes: torch.Tensor | None = None
 
     @property
     def num_temperatures(self) -> int | None:
@@ -528,18 +530,26 @@ def worth_compiling(num_temperatures: int, leapfrog_steps: int) -> bool:
 
 
 def _anneal(path: _Path, values, betas, *, step_size, leapfrog_steps, target_accept, progress,
-            desc, compile: bool):  # fmt: skip
-    """Run the chains along ``betas``; the log weights, final values, acceptance, step sizes, betas.
+            desc, compile: bool, fast: bool = False):  # fmt: skip
+    """Run the chains along ``betas``; log weights, values, acceptance, step sizes, betas, steps.
 
     ``betas`` is a tensor of inverse temperatures (either direction) or an
     :class:`Adaptive` schedule, placed as the run goes (from 0 to 1): each
     next beta the largest whose weight update keeps the conditional ESS of
-    every datapoint at the target.
+    every datapoint at the target. ``step_size`` is a number, adapted per
+    datapoint after each transition (times 1.02 or 0.98, or with ``fast``
+    times exp(2 (rate - target)) up to 1.02, which follows a posterior that
+    narrows by orders of magnitude), or a (len(betas), N) tensor of the step size at
+    each beta, used as it is. The last value returned is that tensor, the
+    step sizes this run used (each beta's entry the one of its transition).
     """
     adaptive = betas if isinstance(betas, Adaptive) else None
     betas = [0.0] if adaptive is not None else betas.tolist()
     n = path.layout.plate_size or 1
-    step = torch.full((n,), float(step_size), dtype=torch.get_default_dtype())
+    fixed = step_size if torch.is_tensor(step_size) else None
+    step = torch.full((n,), float(step_size if fixed is None else 0.0),
+                      dtype=torch.get_default_dtype())  # fmt: skip
+    used = [step]
     log_w = torch.zeros(path.layout.shape, dtype=torch.float64)
     accepted = torch.zeros(n, dtype=torch.float64)
     if (
@@ -567,9 +577,16 @@ def _anneal(path: _Path, values, betas, *, step_size, leapfrog_steps, target_acc
             bar.set_postfix(beta=f"{betas[t]:.3g}", refresh=False)
         if t + 1 == len(betas) and (adaptive is None or betas[t] >= 1.0):
             break  # a last transition would not change any weight
+        if fixed is not None:
+            step = fixed[t].to(step.dtype)
+        used.append(step)
         state, prob = hmc_step(path, state, betas[t], step, leapfrog_steps)
         rate = prob.reshape(prob.shape[0], -1).mean(0)
-        step = step * torch.where(rate > target_accept, 1.02, 0.98).to(step.dtype)
+        if fixed is None and fast:
+            # down as fast as the posterior narrows, up no faster than the slow rule
+            step = step * torch.exp(2.0 * (rate - target_accept)).clamp(max=1.02).to(step.dtype)
+        elif fixed is None:
+            step = step * torch.where(rate > target_accept, 1.02, 0.98).to(step.dtype)
         accepted += rate.double()
         transitions += 1
     bar.close()
@@ -581,7 +598,10 @@ def _anneal(path: _Path, values, betas, *, step_size, leapfrog_steps, target_acc
             stacklevel=3,
         )
     acceptance = accepted / max(transitions, 1)
-    return log_w, state.values, acceptance, step, torch.tensor(betas, dtype=torch.float64)
+    used.append(used[-1])  # the last beta has no transition: its neighbour's, for a reverse run
+    steps = torch.stack(used)[: len(betas)]
+    return (log_w, state.values, acceptance, step, torch.tensor(betas, dtype=torch.float64),
+            steps)  # fmt: skip
 
 
 def annealing_pair(model) -> tuple[Callable, Callable]:
@@ -615,6 +635,7 @@ def annealed_log_marginal(
     compile: bool | None = None,
     betas: torch.Tensor | None = None,
     target_ess: float = TARGET_CESS,
+    step_sizes: torch.Tensor | None = None,
     **kwargs,
 ) -> AISEstimate:
     r"""AIS estimate of log p(x) per datapoint, a stochastic lower bound, with its error.
@@ -657,7 +678,12 @@ def annealed_log_marginal(
         The inverse temperatures themselves (from 0 to 1), instead of a
         schedule: a BDMC run reuses the ones an adaptive run placed.
     target_ess : float
-        The adaptive schedule's conditional ESS per step, in (0, 1).
+        The adaptive schedule's conditional ESS per step, in (0, 1). Its
+        pilot run also learns a step size per temperature (adapting fast,
+        see :func:`_anneal`), which the estimate's run then uses unchanged.
+    step_sizes : tensor, optional
+        With ``betas``: the leapfrog step size at each beta, (len(betas), N),
+        used as it is (a BDMC run reuses those an adaptive run learnt).
 
     Returns
     -------
@@ -669,13 +695,16 @@ def annealed_log_marginal(
         raise ValueError(f"initial must be one of {', '.join(INITIALS)}, got {initial!r}")
     if num_chains < 1 or leapfrog_steps < 1:
         raise ValueError("AIS needs num_chains >= 1 and leapfrog_steps >= 1")
-    settings = dict(step_size=step_size, leapfrog_steps=leapfrog_steps,
-                    target_accept=target_accept, progress=progress)  # fmt: skip
+    settings = dict(leapfrog_steps=leapfrog_steps, target_accept=target_accept,
+                    progress=progress)  # fmt: skip
     path = _make_path(model, guide, args, kwargs, num_chains, plate, initial)
     if betas is None and schedule == "adaptive":
+        # the pilot places the betas and learns each one's step size; the estimate's run
+        # follows both as they are, so that nothing in it adapts to its own chains
         adaptive = Adaptive(target_ess, num_temperatures or MAX_TEMPERATURES)
-        *_, betas = _anneal(path, path.start(), adaptive, desc="AIS schedule",
-                            compile=bool(compile), **settings)  # fmt: skip
+        *_, betas, step_sizes = _anneal(path, path.start(), adaptive, desc="AIS schedule",
+                                        compile=bool(compile), step_size=step_size, fast=True,
+                                        **settings)  # fmt: skip
     elif betas is None:
         if num_temperatures is None:
             raise ValueError(f"the {schedule} schedule needs num_temperatures")
@@ -684,8 +713,14 @@ def annealed_log_marginal(
     temperatures = len(betas) - 1
     if compile is None:
         compile = worth_compiling(temperatures, leapfrog_steps)
-    log_w, _, acceptance, step, _ = _anneal(path, path.start(), betas, desc=f"AIS-{temperatures}",
-                                            compile=compile, **settings)  # fmt: skip
+    if step_sizes is not None:
+        step_sizes = torch.as_tensor(step_sizes, dtype=torch.get_default_dtype())
+        if step_sizes.shape[0] != len(betas):
+            raise ValueError(f"step_sizes has {step_sizes.shape[0]} rows for {len(betas)} betas")
+    log_w, _, acceptance, step, _, _ = _anneal(
+        path, path.start(), betas, desc=f"AIS-{temperatures}", compile=compile,
+        step_size=step_size if step_sizes is None else step_sizes, **settings,
+    )  # fmt: skip
     bound = iwae_bound(log_w)
     moved = float(acceptance.mean())
     if temperatures > 1 and moved < MIN_ACCEPTANCE:
@@ -697,7 +732,8 @@ def annealed_log_marginal(
             stacklevel=2,
         )
     return AISEstimate(bound.value, bound.stderr, log_w, acceptance, step,
-                       compiled=path.compiled is not None, betas=betas)  # fmt: skip
+                       compiled=path.compiled is not None, betas=betas,
+                       step_sizes=step_sizes)  # fmt: skip
 
 
 def _checked_betas(betas) -> torch.Tensor:
@@ -857,7 +893,7 @@ def bdmc_joint(model: Callable, guide: Callable | None, *args, **settings) -> di
     """
     names = ("num_chains", "num_temperatures", "leapfrog_steps", "schedule", "initial",
              "step_size", "target_accept", "progress", "compile", "betas",
-             "target_ess")  # fmt: skip
+             "target_ess", "step_sizes")  # fmt: skip
     ais = {k: settings.pop(k) for k in names if k in settings}
     observed, exact = simulate_observations(model, *args, **settings)
     conditioned = poutine.condition(model, data=observed)
@@ -873,13 +909,30 @@ def _sandwich(model, guide, args, kwargs, exact: dict, settings: dict) -> dict:
     with torch.random.fork_rng(devices=[]):  # the forward run's draws stay as they were
         path.start()  # the sites and their shapes
         start = _reverse_start(path, exact)
+    if settings.get("betas") is not None and settings.get("step_sizes") is None:
+        # given betas (those an adaptive run placed on other data): a pilot along them learns
+        # this data's step size at each, as the adaptive schedule's pilot does
+        *_, steps = _anneal(
+            path, path.start(), _checked_betas(settings["betas"]), fast=True,
+            step_size=settings.get("step_size", 0.1),
+            leapfrog_steps=settings.get("leapfrog_steps", 10),
+            target_accept=settings.get("target_accept", 0.65), progress=settings.get("progress"),
+            desc="AIS step sizes", compile=False,
+        )  # fmt: skip
+        settings = {**settings, "step_sizes": steps}
     lower = annealed_log_marginal(model, guide, *args, **settings, **kwargs)
     betas = lower.betas
     compile = settings.get("compile")
     if compile is None:
         compile = worth_compiling(len(betas) - 1, settings.get("leapfrog_steps", 10))
-    log_w, _, acceptance, _, _ = _anneal(
-        path, start, betas.flip(0), step_size=settings.get("step_size", 0.1),
+    # back along the forward run's betas; with the step sizes an adaptive pilot learnt for
+    # them, if it did (otherwise adapted as the forward run adapts its own)
+    if lower.step_sizes is None:
+        steps = settings.get("step_size", 0.1)
+    else:
+        steps = lower.step_sizes.flip(0)
+    log_w, _, acceptance, _, _, _ = _anneal(
+        path, start, betas.flip(0), step_size=steps,
         leapfrog_steps=settings.get("leapfrog_steps", 10),
         target_accept=settings.get("target_accept", 0.65), progress=settings.get("progress"),
         desc=f"reverse AIS-{len(betas) - 1}", compile=compile,

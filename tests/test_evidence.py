@@ -271,6 +271,7 @@ def test_eight_schools_bayes_factor_from_the_command(float64, tmp_path, capsys):
 
 def test_bayes_factors_carry_their_errors_and_say_when_undecided():
     a = Evidence(-10.0, 0.1, 50, 0.9, 1.0, gap=0.05, gap_stderr=0.02)
+    noisy = Evidence(-10.0, 0.1, 50, 0.9, 1.0, gap=0.05, gap_stderr=0.5)
     b = Evidence(-12.0, 0.2, 50, 0.9, 1.0, gap=0.5, gap_stderr=0.02)
     c = Evidence(-10.1, 0.1, 50, 0.9, 1.0)
     ab, ac, bc = bayes_factors({"a": a, "b": b, "c": c})
@@ -278,7 +279,7 @@ def test_bayes_factors_carry_their_errors_and_say_when_undecided():
     assert ab["stderr"] == pytest.approx(math.hypot(0.1, 0.2))
     assert ab["decided"] and not ac["decided"]  # 0.1 is within 3 s.e.
     assert bc["log_bf"] == pytest.approx(-1.9) and bc["decided"]
-    assert not b.converged and a.converged and c.converged
+    assert not b.converged and a.converged and c.converged and not noisy.converged
 
 
 # ---------------------------------------------------------------------------
@@ -471,3 +472,43 @@ def test_evidence_of_trained_runs_against_their_exact_log_likelihood(tmp_path, c
         assert within(entry["log_evidence"], exact, entry["stderr"], slack=0.1), (entry, exact)
         assert entry["datapoints"] == 20 and entry["gap"] is not None
     assert "log BF [" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------
+# The target is Pyro's own
+# ---------------------------------------------------------------------------
+
+
+def _load_schools():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eight_schools", SCHOOLS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_annealed_target_is_pyros_hmc_potential_energy(float64):
+    """At beta = 1 the chains' log density in unconstrained space is minus the potential energy
+    that Pyro's ``initialize_model`` builds for its HMC and NUTS (transforms, Jacobians and
+    enumeration alike)."""
+    from pyro.infer.mcmc.util import initialize_model
+
+    from inference.ais import _make_path
+
+    schools = _load_schools().hierarchical
+    cases = [
+        (schools, (), {"J": 8, "sigma": torch.tensor(SIGMA), "y": torch.tensor(Y)}),
+        (mixture, (torch.tensor([1.8, -2.1, -1.2, -2.5, 2.2]),), {}),
+        (beta_bernoulli, (torch.tensor([1.0, 0.0, 1.0, 1.0]),), {}),
+    ]
+    for model, args, kwargs in cases:
+        pyro.set_rng_seed(0)
+        init, potential_fn, _, _ = initialize_model(model, model_args=args, model_kwargs=kwargs,
+                                                    max_plate_nesting=1)  # fmt: skip
+        path = _make_path(model, None, args, kwargs, 6, None, "prior")
+        values = path.start()
+        log_p, _ = path.log_parts(values)
+        for i in range(6):
+            params = {name: values[name][i].reshape(init[name].shape) for name in init}
+            assert float(log_p[i]) == pytest.approx(-float(potential_fn(params)), abs=1e-9)

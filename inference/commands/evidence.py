@@ -132,7 +132,9 @@ def evidence_of_runs(
         except ValueError as err:
             detail = err.for_command() if isinstance(err, PairError) else str(err)
             raise RunError(f"evidence: {run}: {detail}") from None
-        results[run] = Evidence(**found, seconds=time.perf_counter() - tic)
+        # a bracket of 0.1 nats per datapoint, as for the evidence of one model
+        results[run] = Evidence(**found, seconds=time.perf_counter() - tic,
+                                tolerance=0.1 * x.shape[0])  # fmt: skip
         models.append({"run": run, "model": config.model, "datapoints": int(x.shape[0]),
                        **results[run].as_dict()})  # fmt: skip
     if len(datasets) > 1:
@@ -175,9 +177,9 @@ def format_evidence(report: dict) -> str:
                      m["acceptance"], gap, mark, m["seconds"]))  # fmt: skip
     lines += table(columns, rows)
     if any(not m["converged"] for m in report["models"]):
-        lines.append("! not converged: the chains barely moved or the BDMC bracket is wider "
-                     "than 0.1 nats beyond its error; more temperatures (or --target-ess "
-                     "closer to 1) narrow it")  # fmt: skip
+        lines.append("! not converged: the chains barely moved, or the BDMC gap plus two of its "
+                     "s.e. exceeds 0.1 nats (per datapoint for runs); more temperatures "
+                     "(--target-ess closer to 1) close it, more chains make it surer")  # fmt: skip
     for bf in report["bayes_factors"]:
         verdict = "" if bf["decided"] else "  (not decided: within 3 s.e. or a BDMC gap)"
         lines.append(
