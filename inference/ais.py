@@ -30,6 +30,18 @@ The step size of the leapfrog integrator is adapted per datapoint during
 the run (times 1.02 when the chains' mean acceptance rate exceeds the target,
 else times 0.98), as Wu et al. (2017) do.
 
+The adaptive schedule (``schedule="adaptive"``) places the temperatures in
+a pilot run, each step the largest that keeps the conditional ESS of the
+weights (Zhou, Johansen & Aston 2016) at a target for every datapoint, and
+learns a step size for each temperature there (shrinking as fast as the
+posterior narrows); the estimate then comes from fresh chains along those
+temperatures and step sizes, fixed in advance, so that E[w] = p(x) holds
+exactly. BDMC's reverse run goes back along the same temperatures.
+
+A model that does not broadcast over a leading chain dimension (``X @ w``
+with a batched w; Pyro's NUTS runs one chain and never needs it) is
+evaluated one chain at a time, with a warning: the same algorithm, slower.
+
 References
 ----------
 Neal (2001), Annealed importance sampling, Statistics and Computing.
@@ -37,6 +49,8 @@ Grosse, Ghahramani & Adams (2015), Sandwiching the marginal likelihood using
 bidirectional Monte Carlo, arXiv:1511.02543.
 Wu, Burda, Salakhutdinov & Grosse (2017), On the quantitative analysis of
 decoder-based generative models, ICLR.
+Zhou, Johansen & Aston (2016), Toward automatic model comparison: an adaptive
+sequential Monte Carlo approach, Journal of Computational and Graphical Statistics.
 """
 
 from __future__ import annotations
