@@ -1078,4 +1078,6 @@ def ais_over_data(
         torch.cat([p.acceptance for p in parts]),
         torch.cat([p.step_size for p in parts]),
         compiled=all(p.compiled for p in parts),
+        # one schedule for every batch, or (adaptive: each batch its own) the longest
+        betas=max((p.betas for p in parts), key=len),
     )

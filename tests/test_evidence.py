@@ -13,7 +13,13 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
+from pyro.infer.autoguide import (
+    AutoDiagonalNormal,
+    AutoIAFNormal,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
 
 from inference.ais import (
     annealed_log_marginal,
@@ -199,6 +205,22 @@ def test_normal_inverse_gamma_regression_against_its_closed_form(float64):
     est = annealed_log_marginal(nig_broadcasting, guide, X, y=y, num_chains=32,
                                 num_temperatures=50, plate=None, compile=False)  # fmt: skip
     assert within(est.value, exact, est.stderr)
+    result = bdmc_joint(nig_broadcasting, guide, X, y=y, num_chains=32, num_temperatures=50,
+                        compile=False)  # fmt: skip
+    assert brackets(result, nig_evidence(X, result["observed"]["y"]))
+
+
+@pytest.mark.parametrize("make", [AutoLowRankMultivariateNormal, AutoIAFNormal])
+def test_ais_and_bdmc_from_low_rank_and_flow_autoguides(float64, make):
+    """Their auxiliary draw is the packed unconstrained latent, as for AutoMultivariateNormal."""
+    pyro.set_rng_seed(7)
+    X = torch.randn(40, 3)
+    y = X @ torch.tensor([1.0, -2.0, 0.5]) + 0.7 * torch.randn(40)
+    guide = _fit(nig_broadcasting, make(nig_broadcasting), X, y=y, steps=300)
+    est = annealed_log_marginal(nig_broadcasting, guide, X, y=y, num_chains=32,
+                                num_temperatures=50, plate=None, compile=False)  # fmt: skip
+    assert float(est.acceptance) > 0.5
+    assert within(est.value, nig_evidence(X, y), est.stderr)
     result = bdmc_joint(nig_broadcasting, guide, X, y=y, num_chains=32, num_temperatures=50,
                         compile=False)  # fmt: skip
     assert brackets(result, nig_evidence(X, result["observed"]["y"]))
@@ -472,6 +494,12 @@ def test_evidence_of_trained_runs_against_their_exact_log_likelihood(tmp_path, c
         assert within(entry["log_evidence"], exact, entry["stderr"], slack=0.1), (entry, exact)
         assert entry["datapoints"] == 20 and entry["gap"] is not None
     assert "log BF [" in capsys.readouterr().out
+    # evaluate --ais with the adaptive schedule reports the temperatures it placed
+    assert main(["evaluate", runs[0], "--k", "1,100", "--limit", "10", "--ais", "--ais-schedule",
+                 "adaptive", "--ais-chains", "16", "--no-progress"]) == 0  # fmt: skip
+    ais = json.loads((tmp_path / "lg1" / "eval.json").read_text())["ais"]
+    assert ais["temperature_cap"] == 1000 and 1 < ais["num_temperatures"] < 1000
+    assert f"AIS-{ais['num_temperatures']}" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------

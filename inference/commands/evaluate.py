@@ -133,7 +133,8 @@ def evaluate_run(
         result["statistics"]["ais"] = estimate.value
         # The headline is the most trustworthy estimate computed: AIS's, not the IWAE weights'.
         report["log_px"] = {
-            **estimate.summary(), "k": k_max, "estimator": f"AIS-{ais['num_temperatures']}",
+            **estimate.summary(), "k": k_max,
+            "estimator": f"AIS-{report['ais']['num_temperatures']}",
             "converged": report["ais"]["converged"],
         }  # fmt: skip
         report["iwae_log_px"] = {**log_px.summary(), "k": k_max, "estimator": f"IWAE-{k_max}"}
@@ -182,6 +183,9 @@ def peak_rss_mb() -> float:
 
 def ais_report(estimate, settings: dict, seconds: float) -> dict:
     """An AIS estimate as a report entry: its mean, Monte Carlo error and settings."""
+    if settings.get("schedule") == "adaptive":  # the temperatures it placed (at most the cap)
+        settings = {**settings, "num_temperatures": estimate.num_temperatures,
+                    "temperature_cap": settings.get("num_temperatures")}  # fmt: skip
     return {
         **estimate.summary(),
         **settings,
