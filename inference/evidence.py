@@ -138,7 +138,7 @@ def bayes_factors(evidence: dict[str, Evidence]) -> list[dict]:
     Each entry: ``numerator``, ``denominator``, ``log_bf`` =
     log p(D | numerator) - log p(D | denominator), ``stderr`` (the two runs
     are independent) and ``decided``: whether |log_bf| exceeds both its
-    3 s.e. and the wider BDMC gap of the two models (when known).
+    3 s.e. and the wider BDMC gap (plus two of its s.e.) of the two models.
     """
     names = list(evidence)
     out = []
@@ -147,7 +147,7 @@ def bayes_factors(evidence: dict[str, Evidence]) -> list[dict]:
             ea, eb = evidence[a], evidence[b]
             log_bf = ea.log_evidence - eb.log_evidence
             se = math.hypot(ea.stderr, eb.stderr)
-            gaps = [abs(e.gap) for e in (ea, eb) if e.gap is not None]
+            gaps = [abs(e.gap) + 2 * e.gap_stderr for e in (ea, eb) if e.gap is not None]
             margin = max([3 * se, *gaps])
             out.append({"numerator": a, "denominator": b, "log_bf": log_bf, "stderr": se,
                         "decided": abs(log_bf) > margin})  # fmt: skip

@@ -165,7 +165,7 @@ def format_evidence(report: dict) -> str:
     lines = [f"log evidence (nats, +- Monte Carlo s.e.) {where}; BDMC bracket on data simulated "
              "from each model at the same schedule"]  # fmt: skip
     columns = [
-        ("model", "<28"), ("log p(D)", ">12.3f"), ("+-", ">8.3f"), ("temps", ">7"),
+        ("model", "<32"), ("log p(D)", ">12.3f"), ("+-", ">8.3f"), ("temps", ">7"),
         ("accept", ">8.2f"), ("BDMC gap", ">10"), ("", "<4"), ("seconds", ">9.1f"),
     ]  # fmt: skip
     rows = []
@@ -173,7 +173,7 @@ def format_evidence(report: dict) -> str:
         name = m.get("run", m["model"])
         gap = "n/a" if m["gap"] is None else f"{m['gap']:.3f}"
         mark = "" if m["converged"] else " !"
-        rows.append((_short(name, 27), m["log_evidence"], m["stderr"], m["temperatures"],
+        rows.append((_short(name, 31), m["log_evidence"], m["stderr"], m["temperatures"],
                      m["acceptance"], gap, mark, m["seconds"]))  # fmt: skip
     lines += table(columns, rows)
     if any(not m["converged"] for m in report["models"]):
@@ -190,6 +190,9 @@ def format_evidence(report: dict) -> str:
 
 
 def _short(name: str, width: int) -> str:
+    """A model's label: its file's name and factory (``a.py:model``), or a run's folder name."""
+    target, colon, attr = name.rpartition(":")
+    name = f"{Path(target).name}:{attr}" if colon else Path(name).name
     return name if len(name) <= width else "..." + name[-(width - 3) :]
 
 
