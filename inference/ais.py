@@ -923,34 +923,30 @@ def _sandwich(model, guide, args, kwargs, exact: dict, settings: dict) -> dict:
     with torch.random.fork_rng(devices=[]):  # the forward run's draws stay as they were
         path.start()  # the sites and their shapes
         start = _reverse_start(path, exact)
+    hmc = dict(leapfrog_steps=settings.get("leapfrog_steps", 10),
+               target_accept=settings.get("target_accept", 0.65),
+               progress=settings.get("progress"))  # fmt: skip
     if settings.get("betas") is not None and settings.get("step_sizes") is None:
         # given betas (those an adaptive run placed on other data): a pilot along them learns
         # this data's step size at each, as the adaptive schedule's pilot does
-        *_, steps = _anneal(
-            path, path.start(), _checked_betas(settings["betas"]), fast=True,
-            step_size=settings.get("step_size", 0.1),
-            leapfrog_steps=settings.get("leapfrog_steps", 10),
-            target_accept=settings.get("target_accept", 0.65), progress=settings.get("progress"),
-            desc="AIS step sizes", compile=False,
-        )  # fmt: skip
+        *_, steps = _anneal(path, path.start(), _checked_betas(settings["betas"]), fast=True,
+                            step_size=settings.get("step_size", 0.1), desc="AIS step sizes",
+                            compile=False, **hmc)  # fmt: skip
         settings = {**settings, "step_sizes": steps}
     lower = annealed_log_marginal(model, guide, *args, **settings, **kwargs)
     betas = lower.betas
     compile = settings.get("compile")
     if compile is None:
-        compile = worth_compiling(len(betas) - 1, settings.get("leapfrog_steps", 10))
+        compile = worth_compiling(len(betas) - 1, hmc["leapfrog_steps"])
     # back along the forward run's betas; with the step sizes an adaptive pilot learnt for
     # them, if it did (otherwise adapted as the forward run adapts its own)
     if lower.step_sizes is None:
         steps = settings.get("step_size", 0.1)
     else:
         steps = lower.step_sizes.flip(0)
-    log_w, _, acceptance, _, _, _ = _anneal(
-        path, start, betas.flip(0), step_size=steps,
-        leapfrog_steps=settings.get("leapfrog_steps", 10),
-        target_accept=settings.get("target_accept", 0.65), progress=settings.get("progress"),
-        desc=f"reverse AIS-{len(betas) - 1}", compile=compile,
-    )  # fmt: skip
+    log_w, _, acceptance, _, _, _ = _anneal(path, start, betas.flip(0), step_size=steps,
+                                            desc=f"reverse AIS-{len(betas) - 1}",
+                                            compile=compile, **hmc)  # fmt: skip
     # mean of the reverse weights estimates 1 / p(x): minus its log is an upper bound
     lse = logsumexp(log_w, 0)
     upper = Bound(-(lse - math.log(num_chains)), log_mean_weight_stderr(log_w, lse=lse))
