@@ -16,7 +16,11 @@ else ``cc`` or ``gcc``; the one torch's inductor uses), ``-O3 -march=native``
 and OpenMP when torch runs on GNU OpenMP (the process then shares torch's
 thread pool), and kept under ``$XDG_CACHE_HOME/elbolab/kernels`` (default
 ``~/.cache``) with a name that hashes the source, the compiler, its flags and
-the CPU: a build takes about 0.2 s, once per machine. Where no compiler works,
+the CPU: a build takes about 0.2 s, once per machine. Nothing is loaded that
+this user did not build: the cache folder must be the user's own and closed
+to others (else a private folder of the process's own is used), and a
+library is loaded only when its SHA-256 matches the one recorded when it was
+built (a truncated or replaced library is built again). Where no compiler works,
 :func:`available` is False, :func:`unavailable_reason` says why, and callers
 use torch's dense products.
 """
@@ -28,6 +32,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -39,6 +44,7 @@ SOURCE = Path(__file__).with_name("csrc") / "sparse_products.c"
 _library: ctypes.CDLL | None = None
 _reason: str | None = None
 _loaded = False
+_fallback: Path | None = None  # this process's own cache when the user's is unusable
 
 
 def cpu_fields() -> dict[str, str]:
@@ -71,18 +77,73 @@ def _compiler() -> str | None:
     return None
 
 
+class CacheError(OSError):
+    """A cache folder or library that this user may not trust; the message says why."""
+
+
+def _private_dir(path: Path) -> Path:
+    """``path`` created with mode 0700, or checked: a real folder, ours, nobody else may write.
+
+    A folder another user owns, or one that group or others can write into,
+    could hold a library planted there; it is refused, never used.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise CacheError(f"{path} is not a folder")
+    if info.st_uid != os.getuid():
+        raise CacheError(f"{path} belongs to another user (uid {info.st_uid})")
+    if info.st_mode & 0o022:
+        raise CacheError(f"{path} can be written by other users (mode {info.st_mode & 0o777:o})")
+    return path
+
+
 def _cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/elbolab/kernels`` (default ``~/.cache``), private to this user.
+
+    Where that cannot be used, a new folder of this process's own (random name,
+    mode 0700) under the temporary directory: the kernels are then built
+    again by each process (0.2 s), and no name another user could predict,
+    and create first, is ever used.
+    """
+    global _fallback
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    path = Path(base) / "elbolab" / "kernels"
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path = _private_dir(Path(base) / "elbolab" / "kernels")
         if os.access(path, os.W_OK):
             return path
     except OSError:
         pass
-    path = Path(tempfile.gettempdir()) / f"elbolab-kernels-{os.getuid()}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    if _fallback is None or not _fallback.is_dir():
+        _fallback = Path(tempfile.mkdtemp(prefix="elbolab-kernels-"))  # mode 0700, random
+    return _fallback
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(target: Path) -> bool:
+    """Whether ``target`` is the library this user built: a plain file of ours whose SHA-256
+    matches the one recorded beside it when it was built (a truncated or replaced library
+    fails, and is built again)."""
+    record = target.with_name(target.name + ".sha256")
+    try:
+        info = os.lstat(target)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            return False
+        return record.read_text().strip() == _sha256(target)
+    except OSError:
+        return False
+
+
+def _install(partial: Path, target: Path) -> None:
+    """Move a freshly built library into place, with its SHA-256 recorded first."""
+    record = target.with_name(target.name + ".sha256")
+    record_tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+    record_tmp.write_text(_sha256(partial) + "\n")
+    os.replace(record_tmp, record)
+    os.replace(partial, target)
 
 
 def _uses_gnu_openmp() -> bool:
@@ -111,9 +172,9 @@ def _build() -> ctypes.CDLL:
         parts = [source, version.encode(), " ".join(command).encode(), _cpu_signature().encode()]
         key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
         target = _cache_dir() / f"sparse_products-{key}.so"
-        if not target.exists():
+        if not _verified(target):
             # Built under a temporary name and renamed: processes that build at once
-            # (torchrun ranks) never load a half-written library.
+            # (torchrun ranks) never load a half-written library; a damaged one is replaced.
             partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
             done = subprocess.run([*command, "-o", str(partial), str(SOURCE)],
                                   capture_output=True, text=True)  # fmt: skip
@@ -121,7 +182,9 @@ def _build() -> ctypes.CDLL:
                 partial.unlink(missing_ok=True)
                 errors.append(f"{' '.join(command)}: {done.stderr.strip()[-300:]}")
                 continue
-            os.replace(partial, target)
+            _install(partial, target)
+            if not _verified(target):  # another process replaced it in between
+                raise CacheError(f"{target} changed while it was installed")
         library = ctypes.CDLL(str(target))
         pointer, size, real = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
         library.sparse_times_dense.argtypes = [pointer, size, size, pointer, size, pointer, pointer]

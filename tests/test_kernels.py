@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -99,7 +105,8 @@ def test_bad_inputs_are_named(change, message):
 def fresh_kernels(monkeypatch, tmp_path):
     """The kernels module as in a new process, with its cache in ``tmp_path``."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    for name, value in (("_library", None), ("_reason", None), ("_loaded", False)):
+    for name, value in (("_library", None), ("_reason", None), ("_loaded", False),
+                        ("_fallback", None)):
         monkeypatch.setattr(kernels, name, value)
     return tmp_path / "elbolab" / "kernels"
 
@@ -157,6 +164,64 @@ def test_a_failing_compiler_is_reported(fresh_kernels, monkeypatch, tmp_path):
     assert "the C compiler failed" in kernels.unavailable_reason()
     assert "no input files" in kernels.unavailable_reason()
     assert not list(fresh_kernels.glob("*"))  # nothing half-written left behind
+
+
+def _as_new_process(monkeypatch):
+    for name, value in (("_library", None), ("_reason", None), ("_loaded", False)):
+        monkeypatch.setattr(kernels, name, value)
+
+
+def _plant(library: Path, marker: Path, tmp_path: Path) -> None:
+    """Replace ``library`` by one whose constructor writes ``marker`` (another user's code)."""
+    source = tmp_path / "planted.c"
+    source.write_text(
+        "#include <stdio.h>\n"
+        f'__attribute__((constructor)) static void planted(void) {{ fopen("{marker}", "w"); }}\n'
+        "int sparse_times_dense(void) { return 1; }\nint sparse_outer_add(void) { return 1; }\n"
+    )
+    built = subprocess.run([kernels._compiler(), "-shared", "-fPIC", "-o", str(library),
+                            str(source)], capture_output=True, text=True)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+
+
+def test_a_library_planted_in_a_folder_others_can_write_is_never_loaded(
+    fresh_kernels, monkeypatch, tmp_path
+):
+    assert kernels.available()
+    library = next(fresh_kernels.glob("*.so"))
+    marker = tmp_path / "planted-code-ran"
+    # Another user's folder, or one others may write into: the planted library is even
+    # recorded with a matching hash, as its planter could do.
+    fresh_kernels.chmod(0o777)
+    _plant(library, marker, tmp_path)
+    library.with_name(library.name + ".sha256").write_text(kernels._sha256(library))
+    _as_new_process(monkeypatch)
+    assert kernels.available()  # built anew in a private folder of this process
+    assert not marker.exists()
+    private = kernels._fallback
+    assert private is not None and private.parent == Path(tempfile.gettempdir())
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert private.name != f"elbolab-kernels-{os.getuid()}"  # no name another user can predict
+    a, w, bias = torch.zeros(2, 3), torch.ones(3, 4), torch.zeros(4)
+    assert torch.equal(kernels.sparse_times_dense(a, w, bias), torch.zeros(2, 4))
+
+
+def test_a_replaced_or_truncated_library_is_built_again_not_loaded(
+    fresh_kernels, monkeypatch, tmp_path
+):
+    assert kernels.available()
+    library = next(fresh_kernels.glob("*.so"))
+    assert stat.S_IMODE(fresh_kernels.stat().st_mode) == 0o700
+    marker = tmp_path / "planted-code-ran"
+    _plant(library, marker, tmp_path)  # a different library under the recorded name
+    _as_new_process(monkeypatch)
+    assert kernels.available() and not marker.exists()
+    assert kernels._verified(library)
+    library.write_bytes(library.read_bytes()[:4096])  # truncated: used to end in SIGBUS
+    _as_new_process(monkeypatch)
+    assert kernels.available() and kernels._verified(library)
+    a, w, bias = torch.eye(3)[:2], torch.ones(3, 4), torch.zeros(4)
+    assert torch.equal(kernels.sparse_times_dense(a, w, bias), torch.ones(2, 4))
 
 
 def _sparse_npz(tmp_path):
