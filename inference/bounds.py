@@ -95,8 +95,17 @@ class Bound:
         return float(self.value.mean()), float(self.stderr.pow(2).sum().sqrt() / n)
 
     def summary(self) -> dict:
-        """:meth:`mean` as a report entry labelled :data:`MONTE_CARLO`."""
-        return summary(*self.mean(), MONTE_CARLO)
+        """:meth:`mean` as a report entry, with both kinds of standard error, named.
+
+        ``stderr`` (and ``mc_stderr``) is the Monte Carlo error with the
+        datapoints fixed (labelled :data:`MONTE_CARLO`); ``datapoint_stderr``
+        is the spread of the per-datapoint values, std / sqrt(N): how much the
+        average would move with other datapoints from the same distribution.
+        """
+        mean, mc = self.mean()
+        n = self.value.numel()
+        spread = float(self.value.double().std() / math.sqrt(n)) if n > 1 else math.inf
+        return {**summary(mean, mc, MONTE_CARLO), "mc_stderr": mc, "datapoint_stderr": spread}
 
     @staticmethod
     def cat(bounds: list[Bound]) -> Bound:

@@ -124,9 +124,12 @@ def _sha256(path: Path) -> str:
 
 
 def _verified(target: Path) -> bool:
-    """Whether ``target`` is the library this user built: a plain file of ours whose SHA-256
-    matches the one recorded beside it when it was built (a truncated or replaced library
-    fails, and is built again)."""
+    """Whether ``target`` is the library this user built.
+
+    That is a plain file of ours whose SHA-256 matches the one recorded beside
+    it when it was built (a truncated or replaced library fails, and is built
+    again).
+    """
     record = target.with_name(target.name + ".sha256")
     try:
         info = os.lstat(target)

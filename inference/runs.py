@@ -9,6 +9,7 @@ write never leaves a truncated file behind.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from ppl_models import MODELS, build_model
 from ppl_models.hierarchical import TEXT_CORRUPTIONS, parse_corruption
 from ppl_models.nets import ACTIVATIONS
 
-from . import __version__, user_model
+from . import __version__, provenance, user_model
 from .data import DATASETS, TEXT_DATASETS, Dataset, load_dataset
 from .inspection import check_per_datapoint
 from .objectives import OBJECTIVES
@@ -36,6 +37,7 @@ MARKER = "elbolab"  # config.json's key for the version of elbolab that wrote th
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 LOCK = "train.lock"  # holds the pid of the process that trains into the run
+EVALS = "evals"  # named evaluations (inference.commands.store)
 
 
 class RunError(ValueError):
@@ -153,7 +155,8 @@ class TrainConfig(RunConfig):
     # The training step captured and compiled (inference.compiled); None: when the run is long
     # enough to pay for it (inference.svi.COMPILE_MIN_STEPS). config.json records the decision.
     compile: bool | None = None
-    model_sha256: str | None = None  # of a user model's file (see inference.user_model)
+    model_sha256: str | None = None  # of a user model's code (see inference.user_model)
+    model_files: dict | None = None  # the SHA-256 of each file of that code
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:
@@ -269,14 +272,28 @@ def _save_tensors(state: dict, path: Path) -> None:
 
 
 def load_checkpoint(run_dir: Path) -> dict:
+    """The run's ``checkpoint.pt`` (tensors and plain values only)."""
+    return read_checkpoint(run_dir)[0]
+
+
+def read_checkpoint(run_dir: Path) -> tuple[dict, dict]:
+    """The run's checkpoint and its identity (:func:`inference.provenance.checkpoint_identity`).
+
+    The file is read once: the SHA-256 is of the very bytes loaded, even while
+    a training process writes the next checkpoint.
+    """
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         raise RunError(
             f"{run_dir} has no {CHECKPOINT}: train first (elbolab train --out {run_dir})"
         )
     try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise RunError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
         # weights_only: tensors, numbers and plain containers; never code from a shared run.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "GLOBAL" not in str(err):  # not a foreign object: a damaged file
             raise RunError(f"cannot read {path}: damaged or not a checkpoint") from None
@@ -286,6 +303,9 @@ def load_checkpoint(run_dir: Path) -> dict:
         ) from None
     except Exception as err:  # a damaged file can fail in many ways inside torch.load
         raise RunError(f"cannot read {path}: {err}") from err
+    if not isinstance(state, dict):
+        raise RunError(f"cannot read {path}: not a checkpoint")
+    return state, provenance.checkpoint_identity(state, provenance.bytes_sha256(data))
 
 
 def read_config(run_dir: Path, cls=None):
@@ -319,7 +339,8 @@ def config_differences(saved, config, *, ignore: Sequence[str] = ()) -> str:
     changed = {
         f.name: (getattr(saved, f.name), getattr(config, f.name))
         for f in dataclasses.fields(config)
-        if f.name not in ignore and f.name not in ("data_path", "extra", "model_sha256")
+        if f.name not in ignore
+        and f.name not in ("data_path", "extra", "model_sha256", "model_files")
         and getattr(saved, f.name) != getattr(config, f.name)
     }  # fmt: skip
     return ", ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in changed.items())
@@ -366,7 +387,7 @@ def prepare_run(config, out: Path, resume: bool, *, overwrite=False, changeable=
 RUN_FILES = frozenset({
     CONFIG, CHECKPOINT, METRICS, LOCK, "eval.json", "eval_datapoints.npz", "gaps.json", "gaps.png",
     "diagnose.json", "diagnose.nc", "diagnose_pairs.png", "rbm_eval.json", "rbm_eval.png",
-    "bdmc.json", "bdmc.png",
+    "bdmc.json", "bdmc.png", EVALS,
     "iwae_ladder.png", "training.png", "reconstructions.png", "samples.png",
 })  # fmt: skip
 # An output folder that is not a run (compare, experiment) carries this marker file.
@@ -524,20 +545,30 @@ def remove_run_files(run_dir: Path) -> list[str]:
     removed = run_files_in(run_dir)
     for path in removed:
         path.unlink()
-    return [path.name for path in removed]
+    evals = run_dir / EVALS
+    if evals.is_dir() and not evals.is_symlink() and not any(evals.iterdir()):
+        evals.rmdir()
+    return [str(path.relative_to(run_dir)) for path in removed]
 
 
 def run_files_in(run_dir: Path) -> list[Path]:
     """The files of ``run_dir`` that elbolab wrote (:data:`RUN_FILES` and temporaries)."""
     if not Path(run_dir).is_dir():
         return []
-    return [
+    files = [
         path
         for path in sorted(Path(run_dir).iterdir())
         if path.is_file()
         and not path.is_symlink()
         and (path.name in RUN_FILES or _is_temporary(path.name))
     ]
+    evals = Path(run_dir) / EVALS
+    if evals.is_dir() and not evals.is_symlink():  # named evaluations: reports, arrays, temporaries
+        for path in sorted(evals.iterdir()):
+            ours = path.suffix in (".json", ".npz") or path.name.startswith(".")
+            if ours and path.is_file() and not path.is_symlink():
+                files.append(path)
+    return files
 
 
 def rng_state(shuffle: torch.Generator, device: torch.device) -> dict:
@@ -614,11 +645,18 @@ def load_run(run_dir: Path, *, device: str = "cpu") -> tuple[TrainConfig, Datase
     """Configuration, data set and trained model of a run directory."""
     config = read_config(run_dir)
     if user_model.is_reference(config.model):
-        user_model.check_unchanged(config.model, config.model_sha256, run_dir=run_dir)
-    state = load_checkpoint(run_dir)
+        user_model.check_unchanged(config.model, config.model_sha256, run_dir=run_dir,
+                                   recorded_files=config.model_files)  # fmt: skip
+    state, identity = read_checkpoint(run_dir)
     dataset, model = build(config)
     load_weights(model, state["model"], run_dir)
+    model.elbolab_checkpoint = identity  # what reports computed from this model record
     return config, dataset, model.to(device).eval()
+
+
+def checkpoint_of(model) -> dict | None:
+    """The checkpoint identity :func:`load_run` gave ``model`` (None for a model built here)."""
+    return getattr(model, "elbolab_checkpoint", None)
 
 
 def load_weights(model: torch.nn.Module, weights: dict, run_dir: Path) -> None:

@@ -159,9 +159,11 @@ def train(
     ))  # fmt: skip
     if user_model.is_reference(config.model):
         if resume:
-            user_model.check_unchanged(config.model, config.model_sha256, run_dir=out)
+            user_model.check_unchanged(config.model, config.model_sha256, run_dir=out,
+                                       recorded_files=config.model_files)  # fmt: skip
         else:
             config.model_sha256 = user_model.digest(config.model)
+            config.model_files = user_model.file_digests(config.model)
     if config.compile and shards == 1:
         warm_up()  # given or resumed: while the data loads and the model is built
     elif config.compile and world.is_main:

@@ -28,11 +28,12 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert "IWAE-100" in out and "log p(x)" in out
     report = json.loads((run / "eval.json").read_text())
     assert set(report["iwae"]) == {"1", "10", "100"}
-    import numpy as np
+    from inference.commands.store import read_arrays
 
-    with np.load(run / "eval_datapoints.npz") as per_point:
-        assert {"elbo", "iwae100", "khat", "is_ess"} <= set(per_point.files)
-        assert per_point["khat"].shape == (report["num_datapoints"],)
+    per_point = read_arrays(run, report)
+    assert {"elbo", "iwae100", "khat", "is_ess"} <= set(per_point)
+    assert per_point["khat"].shape == (report["num_datapoints"],)
+    assert report["name"] == "test-k100" and (run / "evals" / "test-k100.json").is_file()
     assert report["log_px"]["k"] == 100 and report["binarization"].startswith("static")
     ladder = [report["iwae"][k]["mean"] for k in ("1", "10", "100")]
     assert ladder[0] < ladder[1] < ladder[2]
@@ -181,7 +182,7 @@ def test_compare_needs_evaluated_runs(tmp_path):
     run = tmp_path / "run"
     main(["train", "--out", str(run), *TINY])
     result = elbolab("compare", str(run), "--out", str(tmp_path / "c"))
-    assert result.returncode == 1 and "has no eval.json" in result.stderr
+    assert result.returncode == 1 and "has no evaluation: run elbolab evaluate" in result.stderr
 
 
 def test_gaps_and_experiment(tmp_path, capsys):

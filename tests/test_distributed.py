@@ -169,11 +169,11 @@ def _json_without(path: Path, *keys: str) -> dict:
     return report
 
 
-def _arrays(path: Path) -> dict:
-    import numpy as np
+def _arrays(run: Path) -> dict:
+    """The per-datapoint values of the run's latest evaluation."""
+    from inference.commands.store import read_arrays
 
-    with np.load(path) as arrays:
-        return {name: arrays[name] for name in arrays.files}
+    return read_arrays(run, json.loads((run / "eval.json").read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +199,9 @@ def test_sharded_evaluation_gives_the_numbers_of_one_process_bit_for_bit(small_r
                          "--seed", "7", "--no-progress", nproc=nproc)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.count("test split, 250 datapoints") == 1  # rank 0 alone prints
-        outputs[nproc] = (_json_without(run / "eval.json", "run", "seconds", "peak_rss_mb"),
-                          _arrays(run / "eval_datapoints.npz"))  # fmt: skip
+        outputs[nproc] = (_json_without(run / "eval.json", "run", "seconds", "peak_rss_mb",
+                                        "provenance"),
+                          _arrays(run))  # fmt: skip
     report, arrays = outputs[1]
     assert report["num_datapoints"] == 250 and arrays["iwae50"].shape == (250,)
     for nproc in (2, 3):
@@ -214,7 +215,7 @@ def test_sharded_evaluation_gives_the_numbers_of_one_process_bit_for_bit(small_r
     done = _torchrun("evaluate", str(other), "--k", "1,10,50", "--limit", "250", "--batch-size",
                      "40", "--seed", "8", "--no-progress", nproc=2)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert not (_arrays(other / "eval_datapoints.npz")["iwae50"] == arrays["iwae50"]).any()
+    assert not (_arrays(other)["iwae50"] == arrays["iwae50"]).any()
 
 
 def test_sharded_gaps_and_rbm_evaluate_give_the_numbers_of_one_process(

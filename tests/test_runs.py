@@ -179,7 +179,9 @@ def test_dangerous_out_is_refused_without_writing(tmp_path, capsys, where):
 def test_overwrite_removes_only_elbolabs_files(tmp_path, capsys):
     run = tmp_path / "demo"
     assert main(["demo", "--out", str(run), "--epochs", "2", "--no-progress"]) == 0
-    written = sorted(p.name for p in run.iterdir())
+    written = sorted(p.name for p in run.iterdir() if p.is_file())
+    written += sorted(f"evals/{p.name}" for p in (run / "evals").iterdir())
+    assert any(name.endswith(".npz") for name in written)  # the evaluation's arrays
     (run / "my_notes.txt").write_text("keep me\n")
     (run / "analysis").mkdir()
     (run / "analysis" / "plot.png").write_bytes(b"mine")
@@ -189,6 +191,7 @@ def test_overwrite_removes_only_elbolabs_files(tmp_path, capsys):
     assert f"--overwrite: removed {', '.join(written)} from {run}\n" in said
     assert (run / "my_notes.txt").read_text() == "keep me\n"
     assert (run / "analysis" / "plot.png").read_bytes() == b"mine"
+    assert len(list((run / "evals").iterdir())) == 2  # the new demo's evaluation alone
 
 
 def test_run_files_lists_everything_elbolab_writes(tmp_path):
@@ -314,7 +317,7 @@ def test_full_disk_leaves_the_previous_files_intact(tmp_path, capsys, monkeypatc
     assert (run / "checkpoint.pt").read_bytes() == checkpoint
     monkeypatch.setattr(Path, "write_text", full)
     code = main(["evaluate", str(run), "--k", "1,10", "--no-progress"])
-    _one_line(capsys, code, "eval.json: No space left on device", "previous eval.json is intact")
+    _one_line(capsys, code, "evals/test-k10.json: No space left on device", "nothing was written")
     monkeypatch.undo()
     assert (run / "eval.json").read_text() == report
     assert not [p for p in run.iterdir() if p.name.startswith(".")]

@@ -10,19 +10,18 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .. import diagnostics, distributed
+from .. import diagnostics, distributed, provenance
 from ..ais import MIN_ACCEPTANCE, ais_over_data, annealing_pair
 from ..bounds import across_datapoints
 from ..evaluation import evaluate_bounds, perplexity, unigram_perplexity
-from ..runs import RunError, atomic_write, check_device, load_run, write_json
+from ..runs import RunError, check_device, checkpoint_of, load_run
+from . import store
 from .flags import add_ais_flags, add_flags, ais_settings, datapoints, int_list, spread
 from .report import bound_table, plus_minus
 
-EVAL = "eval.json"
-EVAL_DATAPOINTS = "eval_datapoints.npz"
+EVAL = store.EVAL
 
 
 def evaluate_run(
@@ -38,8 +37,12 @@ def evaluate_run(
     progress: bool = True,
     ais: dict | None = None,
     compile: bool | None = None,
+    name: str | None = None,
 ) -> dict:
-    """Evaluate ELBO, IWAE-k and the ELBO decomposition of a trained run; write ``eval.json``.
+    """Evaluate ELBO, IWAE-k and the ELBO decomposition of a trained run; write the report.
+
+    The report goes to ``evals/NAME.json`` with its per-datapoint values (see
+    :mod:`inference.commands.store`) and to ``eval.json`` (the latest).
 
     Parameters
     ----------
@@ -66,6 +69,9 @@ def evaluate_run(
     compile : bool, optional
         Compile the IWAE passes (default: long evaluations do; see
         :func:`inference.evaluation.evaluate_bounds`).
+    name : str, optional
+        The evaluation's name (default from its settings, e.g. ``test-k1000``
+        or ``test-first20-k10``): an evaluation replaces only one of its name.
 
     Returns
     -------
@@ -76,9 +82,15 @@ def evaluate_run(
     if not ks or min(ks) < 1:
         raise RunError(f"--k needs positive particle counts, got {list(ks)}")
     check_device(device)
+    if name is not None:
+        store.check_name(name)
+    started = time.time()
     world = distributed.current(device)
     config, dataset, model = load_run(run_dir, device=device)
-    x = datapoints(dataset.split(split), limit=limit, every=every).to(device)
+    rows = dataset.split(split)
+    x = datapoints(rows, limit=limit, every=every)
+    points = provenance.datapoints(x, split=split, total=rows.shape[0], every=every, limit=limit)
+    x = x.to(device)
     tic = time.perf_counter()
     result = evaluate_bounds(
         model.model,
@@ -147,13 +159,17 @@ def evaluate_run(
         **result["statistics"],
     }
     arrays = {k: v.cpu().numpy() for k, v in per_point.items()}
-
-    def write() -> None:
-        write_json(run_dir / EVAL, report)
-        atomic_write(run_dir / EVAL_DATAPOINTS, lambda tmp: _savez(tmp, arrays))
-
-    distributed.on_main(world, write)  # every rank has every result; rank 0 writes
-    return report
+    if name is None:
+        name = store.evaluation_name(split, count=int(x.shape[0]), every=every, limit=limit,
+                                     k=k_max, ais=ais)  # fmt: skip
+    settings = {"ks": list(ks), "split": split, "batch_size": batch_size, "limit": limit,
+                "every": every, "device": device, "compile": compile, "ais": ais}  # fmt: skip
+    report["provenance"] = provenance.record(
+        "evaluate", settings=settings, seed=seed, started=started, world_size=world.size,
+        checkpoint=checkpoint_of(model), datapoints=points, model_files=config.model_files,
+    )  # fmt: skip
+    # every rank has every result; rank 0 writes
+    return distributed.on_main(world, lambda: store.write_evaluation(run_dir, name, report, arrays))
 
 
 def bound_rows(report: dict) -> dict:
@@ -210,17 +226,13 @@ def ais_verdict(estimate, settings: dict) -> str:
     return "chains moved; convergence is checked by BDMC's gap (elbolab bdmc)"
 
 
-def _savez(path: Path, arrays: dict) -> None:
-    with open(path, "wb") as f:  # a file object: numpy would append ".npz" to a bare name
-        np.savez_compressed(f, **arrays)
-
-
 def format_report(report: dict) -> str:
     """The bound table of an ``eval.json`` report, as printed by ``elbolab evaluate``."""
     lines = [
         f"{report['run']}: {report['split']} split, "
         f"{spread(report['num_datapoints'], report.get('every', 1))}, "
-        f"{report['data']} ({report['binarization']}), seed {report['seed']}",
+        f"{report['data']} ({report['binarization']}), seed {report['seed']}"
+        + (f"; evaluation {report['name']!r}" if "name" in report else ""),
     ]
     lines += bound_table(bound_rows(report))
     dec = report["decomposition"]
@@ -288,8 +300,21 @@ def add_parser(sub) -> None:
                    help="record a chunk of particles once and compile it (inductor); default: "
                    "compile when batches x chunks >= 2000")  # fmt: skip
     p.add_argument("--ais", action="store_true", help="also estimate log p(x) by AIS")
+    p.add_argument(
+        "--name",
+        type=_name,
+        help="name of this evaluation (default from its "
+        "settings, e.g. test-k1000, test-first20-k10); it replaces only one of its name",
+    )
     add_ais_flags(p)
     p.set_defaults(func=run, shared=True)
+
+
+def _name(text: str) -> str:
+    try:
+        return store.check_name(text)
+    except RunError as err:
+        raise argparse.ArgumentTypeError(str(err).partition(": ")[2]) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -305,6 +330,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         ais=ais_settings(args) if args.ais else None,
         compile=args.compile,
+        name=args.name,
     )
     if distributed.current().is_main:
         print(format_report(report))

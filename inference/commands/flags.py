@@ -155,7 +155,11 @@ def train_from_args(trainer: Callable, config, args: argparse.Namespace) -> dict
     """
     out, overwrite = Path(args.out), getattr(args, "overwrite", False)
     main = distributed.current(getattr(config, "device", "cpu")).is_main
-    removed = [p.name for p in run_files_in(out)] if overwrite and is_elbolab_run(out) else []
+    removed = (
+        [str(p.relative_to(out)) for p in run_files_in(out)]
+        if overwrite and is_elbolab_run(out)
+        else []
+    )
     trainer(config, out, resume=getattr(args, "resume", False), overwrite=overwrite,
             progress=not args.no_progress)  # fmt: skip
     if not main:  # under torchrun rank 0 alone reports

@@ -35,13 +35,19 @@ def table(columns: Sequence[tuple[str, str]], rows: Iterable[Sequence]) -> list[
 def bound_table(
     entries: dict[str, dict], *, title: str = "bound", widths: tuple[int, int, int] = (14, 12, 10)
 ) -> list[str]:
-    """Rows ``name, mean, stderr`` of report entries ``{"mean": .., "stderr": ..}``.
+    """Rows ``name, mean, MC s.e.`` of report entries ``{"mean": .., "stderr": ..}``.
 
-    The errors are Monte Carlo ones (:meth:`~inference.bounds.Bound.summary`).
+    ``stderr`` is the Monte Carlo error (:meth:`~inference.bounds.Bound.summary`);
+    where every entry also has ``datapoint_stderr`` (the error over datapoints)
+    it gets a column of its own.
     """
     name, nats, err = widths
     columns = [(title, f"<{name}"), ("nats", f">{nats}.3f"), ("MC s.e.", f">{err}.3f")]
-    return table(columns, ((k, v["mean"], v["stderr"]) for k, v in entries.items()))
+    both = all("datapoint_stderr" in v for v in entries.values())
+    if both:
+        columns.append(("data s.e.", f">{err + 1}.3f"))
+    return table(columns, ((k, v["mean"], v["stderr"], *([v["datapoint_stderr"]] if both else []))
+                           for k, v in entries.items()))  # fmt: skip
 
 
 def plus_minus(entry: dict, *, digits: int = 3) -> str:
