@@ -38,13 +38,13 @@ from .partition import exact_log_partition
 from .runs import (
     RunConfig,
     RunError,
-    load_checkpoint,
     prepare_run,
+    read_checkpoint,
     read_config,
     restore_rng,
     rng_state,
 )
-from .training import Trainer, check_finite, fit
+from .training import Trainer, check_finite, choose_shards, fit
 
 METHODS = ("cd", "pcd")
 SCHEDULES = ("constant", "linear")
@@ -304,7 +304,7 @@ def train_rbm(
     """
     out = Path(out)
     world = distributed.current()
-    shards = shards or world.size
+    shards = choose_shards(out, world, shards, resume)
     if shards < world.size:
         raise ValueError(f"shards={shards} is fewer than the {world.size} processes")
     config.validate()
@@ -384,7 +384,7 @@ def train_rbm(
 
     steps = math.ceil(num_data / config.batch_size)
     trainer = Trainer(start, epoch, state, steps, f"rbm/{config.method}-{config.cd_steps}")
-    fit(trainer, config, out, resume=resume, progress=progress, world=world)
+    fit(trainer, config, out, resume=resume, progress=progress, world=world, shards=shards)
     return rbm
 
 
@@ -418,5 +418,7 @@ def load_rbm_run(run_dir: str | Path) -> tuple[RBMConfig, object, RBM]:
     config = read_config(run_dir, RBMConfig)
     dataset = load_dataset(config.data, path=config.data_path)
     rbm = RBM(dataset.x_dim, config.hidden).requires_grad_(False)
-    rbm.load_state_dict(load_checkpoint(run_dir)["model"])
+    state, identity = read_checkpoint(run_dir)
+    rbm.load_state_dict(state["model"])
+    rbm.elbolab_checkpoint = identity  # what reports computed from it record
     return config, dataset, rbm

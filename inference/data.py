@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import math
 import os
 import re
 import zipfile
@@ -197,6 +198,42 @@ def resolve_data_path(path: str | os.PathLike | None) -> Path:
     return Path(chosen).expanduser()
 
 
+def check_npz(path: Path, what: str = "data") -> list[str]:
+    """The array names of a ``.npz`` whose headers agree with the bytes it holds.
+
+    Each member's header (dtype and shape) is read without reading the
+    array, and the size it claims is checked against the member's stored
+    size, so that a damaged or hostile header (a 10^9 x 784 array in a small
+    file) is refused in one line instead of allocating memory it describes.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = []
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)  # fmt: skip
+                    shape, _, dtype = read_header(member, max_header_size=10_000)
+                    claimed = math.prod(shape) * dtype.itemsize
+                    if dtype.hasobject:
+                        raise DataError(f"{what}: {path}: {info.filename} holds Python objects")
+                    if claimed != info.file_size - member.tell():
+                        raise DataError(
+                            f"{what}: {path}: {info.filename[:-4]} claims shape {shape} "
+                            f"({claimed:,} bytes) but holds {info.file_size - member.tell():,}; "
+                            "the file is damaged"
+                        )
+                names.append(info.filename[:-4])
+            return names
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"{what}: cannot read {path}: {err}") from None
+
+
 def load_binarized_mnist(path: str | os.PathLike | None = None) -> Dataset:
     """Statically binarised MNIST (Larochelle & Murray 2011), 50k/10k/10k.
 
@@ -215,14 +252,14 @@ def load_binarized_mnist(path: str | os.PathLike | None = None) -> Dataset:
         def guarded():
             try:
                 return read()
-            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError) as err:
                 raise DataError(f"binarized-mnist: cannot read {where}: {err}") from err
 
         return guarded
 
     arrays: dict[str, Callable[[], np.ndarray]] = {}
     if where.is_file() and where.suffix == ".npz":
-        files = reading(lambda: np.load(where, allow_pickle=False).files)()
+        files = check_npz(where, "binarized-mnist")
         missing = [s for s in MNIST_AMAT if s not in files]
         if missing:
             raise DataError(
@@ -286,6 +323,10 @@ def load_dataset(
     ``min_count`` and ``max_vocab`` shape the vocabulary of a text data set
     (see :func:`bag_of_words`); ``None`` takes the defaults.
     """
+    if path is not None:
+        where = Path(path).expanduser()
+        if where.exists() and not (where.is_file() or where.is_dir()):
+            raise DataError(f"--data-path {where} is not a regular file or a folder")
     if name in TEXT_DATASETS:
         vocab = {"min_count": min_count or MIN_COUNT, "max_vocab": max_vocab or MAX_VOCAB}
         if name == "lee":
@@ -373,7 +414,8 @@ def read_text_folder(folder: Path):
     """Every ``*.txt`` file under ``folder`` (recursively, in sorted order) is one document."""
     if not folder.is_dir():
         raise DataError(f"text-folder: {folder} is not a folder")
-    files = sorted(folder.rglob("*.txt"))
+    # Regular files only: a FIFO or a device named *.txt would be read for ever.
+    files = sorted(f for f in folder.rglob("*.txt") if f.is_file())
     if not files:
         raise DataError(f"text-folder: no .txt files under {folder}")
     try:

@@ -150,6 +150,31 @@ def on_main(world: World, fn: Callable[[], object]):
     return outcome[0]
 
 
+def agree(world: World, settings: dict[str, str]) -> None:
+    """Raise :class:`DistributedError` on every rank unless all ranks hold the same ``settings``.
+
+    Called before any work, so that hand-launched ranks with another ``--k``,
+    ``--limit`` or ``--seed`` stop with one line naming the difference
+    instead of mixing their numbers into one report.
+    """
+    if not world.active:
+        return
+    gathered: list = [None] * world.size
+    _collective("comparing the ranks' settings", _dist().all_gather_object, gathered, settings)
+    first = gathered[0]
+    for rank, theirs in enumerate(gathered[1:], start=1):
+        differ = [k for k in sorted(set(first) | set(theirs)) if first.get(k) != theirs.get(k)]
+        if differ:
+            shown = "; ".join(
+                f"--{k.replace('_', '-')}: rank 0 has {first.get(k)}, rank {rank} {theirs.get(k)}"
+                for k in differ[:3]
+            )
+            raise DistributedError(
+                f"the processes were launched with different settings ({shown}); launch every "
+                "rank with the same command"
+            )
+
+
 def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
     """Sum ``tensors`` over the ranks in place, in one flat buffer (one message per call)."""
     flat = torch.cat([t.reshape(-1) for t in tensors])

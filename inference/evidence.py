@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .ais import MIN_ACCEPTANCE, TARGET_CESS, annealed_log_marginal, bdmc_joint
-from .data import DataError
+from .data import DataError, check_npz
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,7 @@ def read_named_arrays(path: str | Path) -> dict[str, np.ndarray]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":
+            check_npz(path, "--data")
             with np.load(path, allow_pickle=False) as f:
                 arrays = {name: np.asarray(f[name]) for name in f.files}
         elif suffix == ".csv":

@@ -162,3 +162,29 @@ def stale(report: dict, run_dir: str | Path) -> str | None:
     epoch = recorded.get("epoch")
     then = f"epoch {epoch}'s checkpoint" if epoch is not None else "an earlier checkpoint"
     return f"it was computed from {then}; the run has been trained since: evaluate again"
+
+
+def settings(arguments: dict, *, leave_out: tuple[str, ...] = ("run_dir", "progress")) -> dict:
+    """A function's arguments (``locals()`` on entry) as a report's settings, JSON-ready."""
+
+    def plain(value):
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple | set):
+            return [plain(v) for v in value]
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        return repr(value)
+
+    return {k: plain(v) for k, v in arguments.items() if k not in leave_out}
+
+
+def of_run(command: str, model, config, *, settings: dict, seed, started: float, **extra) -> dict:
+    """:func:`record` for a report on a run loaded by :func:`inference.runs.load_run`."""
+    return record(
+        command, settings=settings, seed=seed, started=started,
+        checkpoint=getattr(model, "elbolab_checkpoint", None),
+        model_files=getattr(config, "model_files", None), **extra,
+    )  # fmt: skip

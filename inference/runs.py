@@ -33,6 +33,7 @@ from .inspection import check_per_datapoint
 from .objectives import OBJECTIVES
 
 CONFIG = "config.json"
+STATUS = "trained"  # config.json's record of what the run now is (see inference.training)
 MARKER = "elbolab"  # config.json's key for the version of elbolab that wrote the run
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -90,7 +91,7 @@ class RunConfig:
         """A configuration from config.json's values: keys, types and ranges checked."""
         if not isinstance(values, dict):
             raise RunError(f"expected a JSON object, got {type(values).__name__}")
-        values = {k: v for k, v in values.items() if k not in ("kind", MARKER)}
+        values = {k: v for k, v in values.items() if k not in ("kind", MARKER, STATUS)}
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = set(values) - set(fields)
         if unknown:
@@ -308,6 +309,16 @@ def read_checkpoint(run_dir: Path) -> tuple[dict, dict]:
     return state, provenance.checkpoint_identity(state, provenance.bytes_sha256(data))
 
 
+def read_status(run_dir: Path) -> dict:
+    """What config.json records of the run's training so far (empty for older runs)."""
+    try:
+        values = json.loads((Path(run_dir) / CONFIG).read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    status = values.get(STATUS) if isinstance(values, dict) else None
+    return status if isinstance(status, dict) else {}
+
+
 def read_config(run_dir: Path, cls=None):
     """The run's configuration, as ``cls`` (default :class:`TrainConfig`)."""
     cls = cls or TrainConfig
@@ -358,6 +369,15 @@ def prepare_run(config, out: Path, resume: bool, *, overwrite=False, changeable=
     out = Path(out)
     if resume and overwrite:
         raise RunError("--resume continues the run in --out and --overwrite replaces it: pick one")
+    if is_elbolab_run(out) and not (out / CHECKPOINT).exists() and _lock_owner(out) is None:
+        # Stopped before its first checkpoint: nothing to continue, and nothing to lose.
+        if resume:
+            raise RunError(
+                f"{out} never completed an epoch (it has no {CHECKPOINT}), so there is nothing "
+                "to resume; run the same command without --resume to start it"
+            )
+        clear_run(out)
+        return config
     if resume:
         saved = read_config(out, type(config))
         detail = config_differences(saved, config, ignore=changeable)

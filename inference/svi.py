@@ -32,7 +32,7 @@ from .runs import (
     rng_state,
 )
 from .tracing import guess_max_plate_nesting, log_importance_weights
-from .training import Trainer, TrainingDiverged, check_finite, fit
+from .training import Trainer, TrainingDiverged, check_finite, choose_shards, fit
 
 __all__ = [
     "TrainingDiverged", "heldout_elbo", "make_optimizer", "train", "worth_compiling",
@@ -149,7 +149,7 @@ def train(
     out = Path(out)
     config.validate()
     world = distributed.current(config.device)
-    shards = shards or world.size
+    shards = choose_shards(out, world, shards, resume)
     if shards < world.size:
         raise ValueError(f"shards={shards} is fewer than the {world.size} processes")
     if user_model.is_reference(config.model):
@@ -287,5 +287,5 @@ def train(
     trainer = Trainer(start, epoch, state, steps_per_epoch, f"{config.model}/{config.objective}")
     model.train()
     with pyro.validation_enabled(False):
-        fit(trainer, config, out, resume=resume, progress=progress, world=world)
+        fit(trainer, config, out, resume=resume, progress=progress, world=world, shards=shards)
     return model.eval()

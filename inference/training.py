@@ -13,20 +13,24 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
-from .distributed import SINGLE, World
+from .distributed import SINGLE, World, on_main
 from .runs import (
     CHECKPOINT,
     CONFIG,
+    STATUS,
     RunError,
     load_checkpoint,
     read_metrics,
+    read_status,
     run_lock,
     save_checkpoint,
     write_json,
@@ -88,13 +92,86 @@ def check_finite(value, out: Path, epoch: int, detail: str, *, step: int | None 
         raise diverged(out, epoch, detail, step=step)
 
 
+# A bound per datapoint beyond this many nats is no number a model can have: divergence.
+ABSURD = 1e12
+# Or beyond this factor of the first epoch's (and at least 1e6 nats).
+ABSURD_FACTOR = 1e3
+
+
+def absurd(key: str, value, first) -> str | None:
+    """Why a training metric says that training diverged, or None."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    if not math.isfinite(value):
+        return f"the {key.replace('_', ' ')} is {value}"
+    if abs(value) > ABSURD:
+        return f"the {key.replace('_', ' ')} is {value:.3g} nats, beyond any model's"
+    if (
+        isinstance(first, int | float)
+        and math.isfinite(first)
+        and abs(value) > 1e6
+        and (abs(value) > ABSURD_FACTOR * max(abs(first), 1.0))
+    ):
+        return f"the {key.replace('_', ' ')} went from {first:.4g} to {value:.3g} nats"
+    return None
+
+
+# The metrics whose size says whether training diverged (bounds and likelihoods, in nats).
+WATCHED = ("train_bound", "_elbo", "log_likelihood")
+
+
+def _check_metrics(row: dict, metrics: list[dict], out: Path, epoch: int) -> None:
+    """Raise :class:`TrainingDiverged` when an epoch's metrics are non-finite or absurd."""
+    for key, value in row.items():
+        first = metrics[0].get(key) if metrics else None
+        why = absurd(key, value, first) if key.endswith(WATCHED) else None
+        if why:
+            raise diverged(out, epoch, why)
+
+
+def choose_shards(out: Path, world: World, shards: int | None, resume: bool) -> int:
+    """The pieces each global batch is split into (see :func:`inference.svi.train`).
+
+    Given: as given. A resume keeps the run's own (a single process computes
+    2 pieces as 2 processes do: the uninterrupted run's numbers, exactly),
+    unless more processes than pieces run now: then it warns that the
+    resumed run will not reproduce an uninterrupted one, and config.json
+    records it.
+    """
+    if shards is not None:
+        return shards
+    recorded = read_status(out).get("shards") if resume else None
+    if isinstance(recorded, int) and recorded >= world.size:
+        return recorded
+    if isinstance(recorded, int) and world.is_main:
+        warnings.warn(
+            f"{out} split each batch into {recorded} piece(s), which {world.size} processes "
+            f"cannot share: it continues in {world.size} pieces, with other random streams, so "
+            "it will not equal an uninterrupted run (recorded in config.json)",
+            stacklevel=2,
+        )
+    return world.size
+
+
 def fit(
-    trainer: Trainer, config, out: Path, *, resume: bool, progress: bool, world: World = SINGLE
+    trainer: Trainer,
+    config,
+    out: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    world: World = SINGLE,
+    shards: int = 1,
 ) -> list[dict]:
     """Run ``trainer`` from its first (or checkpointed) epoch to ``config.epochs``.
 
     In a job of several processes (``world``) every rank trains and rank 0
     alone holds the lock and writes ``config.json``, metrics and checkpoints.
+
+    After every checkpoint ``config.json`` is rewritten with what the run
+    now is: the epochs asked, and under ``trained`` the epochs done, the
+    pieces of each batch (``shards``) and each stretch of training with its
+    number of processes.
 
     Returns
     -------
@@ -104,22 +181,39 @@ def fit(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with run_lock(out) if world.is_main else nullcontext():
-        return _fit_locked(trainer, config, out, resume=resume, progress=progress, world=world)
+        return _fit_locked(trainer, config, out, resume=resume, progress=progress, world=world,
+                           shards=shards)  # fmt: skip
 
 
-def _fit_locked(trainer: Trainer, config, out: Path, *, resume: bool, progress: bool, world):
+def _fit_locked(trainer: Trainer, config, out: Path, *, resume: bool, progress: bool, world,
+                shards: int):  # fmt: skip
     start_epoch, metrics = 0, []
     writes = world.is_main
+    stretches = []
     if resume:
         state = load_checkpoint(out)
-        trainer.start(state)
         start_epoch = state["epoch"]
+        if config.epochs <= start_epoch:
+            raise RunError(
+                f"--epochs {config.epochs}: {out} has trained {start_epoch} epochs already; "
+                f"ask for more (--epochs {start_epoch + 10}, say) to continue it"
+            )
+        trainer.start(state)
         # Lines written after the checkpoint (an interrupted epoch) are dropped.
         metrics = [row for row in read_metrics(out) if row["epoch"] <= start_epoch]
+        stretches = [s for s in read_status(out).get("stretches", []) if isinstance(s, dict)]
     else:
         trainer.start(None)
-        if writes:
-            write_json(out / CONFIG, config.to_dict())
+    stretch = {"from_epoch": start_epoch, "to_epoch": start_epoch, "processes": world.size,
+               "shards": shards, "threads": torch.get_num_threads()}  # fmt: skip
+
+    def record(done: int) -> None:
+        stretch["to_epoch"] = done
+        status = {"epochs_done": done, "shards": shards, "stretches": [*stretches, stretch]}
+        write_json(out / CONFIG, {**config.to_dict(), STATUS: status})
+
+    if writes:
+        record(start_epoch)  # the epochs asked now (a resume may ask for more)
     elapsed = metrics[-1]["elapsed"] if metrics else 0.0
     done = start_epoch
     bar = tqdm(
@@ -133,12 +227,15 @@ def _fit_locked(trainer: Trainer, config, out: Path, *, resume: bool, progress: 
             for epoch in range(start_epoch, config.epochs):
                 tic = time.perf_counter()
                 row = trainer.epoch(epoch, bar)
+                # Rank 0 judges its metrics; every rank stops with it.
+                on_main(world, lambda r=row, e=epoch: _check_metrics(r, metrics, out, e))
                 seconds = time.perf_counter() - tic
                 elapsed += seconds
                 metrics.append({"epoch": epoch + 1, **row, "seconds": seconds, "elapsed": elapsed})
                 if writes:
                     write_metrics(out, metrics)
                     save_checkpoint(out, {"epoch": epoch + 1, **trainer.state()})
+                    record(epoch + 1)
                 done = epoch + 1
     except KeyboardInterrupt:
         # Checkpoints are written atomically: the last complete one is intact. The signal

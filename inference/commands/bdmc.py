@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyro
 
+from .. import provenance
 from ..ais import SCHEDULES, annealing_pair, bdmc, bdmc_summary
 from ..inspection import PairError
 from ..plots import plot_bdmc
@@ -40,6 +41,7 @@ def bdmc_run(
     compile: bool | None = None,
 ) -> dict:
     """BDMC on ``points`` datapoints simulated from a trained run, for each schedule length."""
+    settings, started = provenance.settings(locals()), time.time()
     run_dir = Path(run_dir)
     if points < 1 or num_chains < 1 or leapfrog_steps < 1:
         raise RunError("--points, --chains and --leapfrog must be >= 1")
@@ -73,6 +75,8 @@ def bdmc_run(
         "seed": seed,
         "rows": rows,
     }
+    report["provenance"] = provenance.of_run("bdmc", model, config, settings=settings, seed=seed,
+                                             started=started)  # fmt: skip
     write_json(run_dir / BDMC, report)
     plot_bdmc(report, run_dir / "bdmc.png")
     return report

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +42,66 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for command in COMMANDS:
         command.add_parser(sub)
+    parser.add_argument("--version", action="version", version=version())
+    for command in _leaf_parsers(sub):
+        command.add_argument(
+            "--threads", type=_threads, default=None,
+            help="torch threads in this process (default: torch's; under torchrun the cores "
+            "divided among the processes of the machine)",
+        )  # fmt: skip
+        command.add_argument("--debug", action="store_true",
+                             help="on an error, also print its traceback")  # fmt: skip
     return parser
+
+
+def version() -> str:
+    """elbolab's version and the versions it runs on."""
+    import pyro
+    import torch
+
+    from .. import __version__
+
+    return f"elbolab {__version__} (torch {torch.__version__}, pyro {pyro.__version__})"
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of threads, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 thread, got {value}")
+    return value
+
+
+def _leaf_parsers(sub) -> list[argparse.ArgumentParser]:
+    """The parsers of every command and nested command (``rbm train``)."""
+    found = []
+    for parser in dict.fromkeys(sub.choices.values()):
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        found += _leaf_parsers(nested[0]) if nested else [parser]
+    return found
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """``--threads``, else under torchrun the machine's cores shared among its processes."""
+    import torch
+
+    threads = getattr(args, "threads", None)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if threads is None and local > 1:
+        threads = max(1, (os.cpu_count() or 1) // local)
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def _same_command(args: argparse.Namespace) -> None:
+    """Under torchrun: every rank checks that all were launched with the same arguments."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    world = distributed.current(getattr(args, "device", None) or "cpu")
+    settings = {k: repr(v) for k, v in sorted(vars(args).items()) if k not in ("func", "debug")}
+    distributed.agree(world, settings)
 
 
 def _check_launch(args: argparse.Namespace) -> None:
@@ -79,13 +139,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
         _check_launch(args)
+        _set_threads(args)
+        _same_command(args)
         code = args.func(args)
         distributed.shutdown(wait=True)
         return code
     except USER_ERRORS as err:
+        _traceback_if(args, err)
         print(f"elbolab: error: {err}", file=sys.stderr)
         return 1
     except PairError as err:  # a model the command cannot give a right number for
+        _traceback_if(args, err)
         print(f"elbolab: error: {err.for_command()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
@@ -97,6 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.shutdown()  # under torchrun: leave the process group
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _traceback_if(args: argparse.Namespace, err: BaseException) -> None:
+    """With ``--debug``, the error's traceback (and its cause's: a user factory's own)."""
+    if getattr(args, "debug", False):
+        traceback.print_exception(err, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 import pyro
 import torch
 
-from .. import diagnostics
+from .. import diagnostics, provenance
 from ..bounds import iwae_bound
 from ..plots import plot_posterior_pairs
 from ..reference import ESS_MIN, RHAT_MAX, run_nuts
@@ -59,8 +59,9 @@ def diagnose_run(
     ``posterior`` and ``sample_stats`` from NUTS, ``guide`` draws of q(z|x),
     ``log_weights`` and ``bounds``) and ``diagnose_pairs.png`` into the run.
     """
+    settings, started = provenance.settings(locals()), time.time()
     run_dir = Path(run_dir)
-    _, dataset, model = load_run(run_dir)
+    config, dataset, model = load_run(run_dir)
     data = dataset.split(split)
     chosen = np.asarray(indices) if indices else _choose(points, data.shape[0], seed)
     if chosen.min() < 0 or chosen.max() >= data.shape[0]:
@@ -147,6 +148,12 @@ def diagnose_run(
         "khat": diagnostics.khat_summary(khat),
         "points": per_point,
     }
+    indices_hash = provenance.tensor_sha256(np.asarray(chosen, dtype=np.int64))
+    report["provenance"] = provenance.of_run(
+        "diagnose", model, config, settings=settings, seed=seed, started=started,
+        datapoints={"split": split, "indices": [int(i) for i in chosen],
+                    "indices_sha256": indices_hash, "values_sha256": provenance.tensor_sha256(x)},
+    )  # fmt: skip
     weights = diagnostics.weights_to_datatree(log_w, bounds={"iwae": iwae}, datapoints=chosen)
     tree["guide"] = guide_tree["posterior"]
     tree["log_weights"] = weights["log_weights"]

@@ -21,6 +21,7 @@ from pathlib import Path
 import pyro
 import torch
 
+from .. import provenance
 from ..ais import SCHEDULES, TARGET_CESS, ais_over_data, annealing_pair, bdmc_summary
 from ..ais import bdmc as bdmc_sandwich
 from ..data import DataError
@@ -33,8 +34,8 @@ from ..evidence import (
     read_named_arrays,
 )
 from ..inspection import PairError
-from ..runs import RunError, load_run, write_json
-from ..user_model import ModelError, digest, load_object
+from ..runs import RunError, checkpoint_of, load_run, write_json
+from ..user_model import ModelError, digest, file_digests, load_object
 from .flags import add_flags
 from .report import table
 
@@ -50,6 +51,7 @@ def evidence_of_models(
     **settings,
 ) -> dict:
     """The report of ``elbolab evidence --model ... --data ...`` (see :func:`log_evidence`)."""
+    started = time.time()
     if len(set(references)) < len(references):
         raise ModelError("--model: the same model is named twice")
     arrays = read_named_arrays(data)
@@ -69,6 +71,7 @@ def evidence_of_models(
                 detail = err.for_command() if isinstance(err, PairError) else str(err)
                 raise RunError(f"evidence: {reference}: {detail}") from None
             models.append({"model": reference, "sha256": digest(reference),
+                           "files": file_digests(reference),
                            "arrays": sorted(kwargs), **results[reference].as_dict()})  # fmt: skip
     finally:
         torch.set_default_dtype(previous)
@@ -78,7 +81,12 @@ def evidence_of_models(
         "settings": _json_settings(settings),
         "models": models,
         "bayes_factors": bayes_factors(results),
-    }
+        "provenance": provenance.record(
+            "evidence", settings=provenance.settings({"models": references, **settings}),
+            seed=seed, started=started,
+            datapoints={"file": str(data), "sha256": provenance.file_sha256(data)},
+        ),
+    }  # fmt: skip
 
 
 def evidence_of_runs(
@@ -99,6 +107,8 @@ def evidence_of_runs(
     compile: bool | None = None,
 ) -> dict:
     """The report of ``elbolab evidence RUN ...``: log p(D) over ``limit`` datapoints of a split."""
+    started = time.time()
+    arguments = provenance.settings(locals())
     if limit is not None and limit < 1:
         raise RunError(f"--limit must be >= 1, got {limit}")
     settings = dict(num_chains=num_chains, num_temperatures=num_temperatures,
@@ -135,7 +145,11 @@ def evidence_of_runs(
         # a bracket of 0.1 nats per datapoint, as for the evidence of one model
         results[run] = Evidence(**found, seconds=time.perf_counter() - tic,
                                 tolerance=0.1 * x.shape[0])  # fmt: skip
+        whole = dataset.split(split)
         models.append({"run": run, "model": config.model, "datapoints": int(x.shape[0]),
+                       "checkpoint": checkpoint_of(model),
+                       "datapoints_identity": provenance.datapoints(
+                           x, split=split, total=whole.shape[0], limit=limit),
                        **results[run].as_dict()})  # fmt: skip
     if len(datasets) > 1:
         raise RunError(
@@ -149,6 +163,7 @@ def evidence_of_runs(
         "settings": _json_settings({**settings, "bdmc": bdmc, "bdmc_points": bdmc_points}),
         "models": models,
         "bayes_factors": bayes_factors(results),
+        "provenance": provenance.record("evidence", settings=arguments, seed=seed, started=started),
     }
 
 

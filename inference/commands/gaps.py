@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from .. import diagnostics, distributed
+from .. import diagnostics, distributed, provenance
 from ..ais import annealed_log_marginal, annealing_pair
 from ..amortization import amortization_split
 from ..bounds import MONTE_CARLO, Bound, across_datapoints
@@ -81,10 +82,14 @@ def gaps_run(
     AIS's estimate, also for the Cremer split (as Cremer et al. 2018 did),
     instead of IWAE with ``num_particles``.
     """
+    settings, started = provenance.settings(locals()), time.time()
     estimator = f"AIS-{ais['num_temperatures']}" if ais else f"IWAE-{num_particles}"
     run_dir = Path(run_dir)
     config, dataset, model = load_run(run_dir)
-    x_all = datapoints(dataset.split(split), limit=limit, every=every)
+    whole = dataset.split(split)
+    x_all = datapoints(whole, limit=limit, every=every)
+    points = provenance.datapoints(x_all, split=split, total=whole.shape[0], every=every,
+                                   limit=limit)  # fmt: skip
     aux = list(getattr(model, "h_names", []))
     # elbolab's models expose their encoder; a user's own model may not
     conventions = callable(getattr(model, "posterior", None)) and callable(
@@ -203,6 +208,11 @@ def gaps_run(
             model.model, model.guide, x_all[:500], aux_sites=aux, prior=model.prior(x_all),
             inner_samples=10,
         )  # fmt: skip
+
+    report["provenance"] = provenance.of_run(
+        "gaps", model, config, settings=settings, seed=seed, started=started,
+        world_size=world.size, datapoints=points,
+    )  # fmt: skip
 
     def write() -> None:
         write_json(run_dir / GAPS, report)

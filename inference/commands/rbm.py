@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
+from .. import distributed, provenance
 from ..contrastive import RBMConfig, load_rbm_run, train_rbm
 from ..partition import (
     BETA_SCHEDULES,
@@ -37,6 +37,7 @@ def evaluate_rbm_run(
     schedule: str = "sm08",
     seed: int = 0,
     pieces: int = 1,
+    progress: bool = True,
 ) -> dict:
     """Held-out log-likelihood of a trained RBM: exact where enumerable, AIS with a bracket.
 
@@ -54,6 +55,7 @@ def evaluate_rbm_run(
     the two directions run side by side on two). The numbers depend on
     ``pieces``, not on the number of processes.
     """
+    settings, started = provenance.settings(locals()), time.time()
     run_dir = Path(run_dir)
     if not 1 <= pieces <= num_chains:
         raise RunError(f"--pieces must be between 1 and the {num_chains} chains, got {pieces}")
@@ -71,7 +73,8 @@ def evaluate_rbm_run(
         ais["num_chains"] = sizes[u // 2]
         return ais_log_partition(rbm, **ais, seed=seed + u, reverse=bool(u % 2))
 
-    done = distributed.map_units(2 * pieces, piece, seed=None, world=world, progress=False)
+    done = distributed.map_units(2 * pieces, piece, seed=None, world=world, progress=progress,
+                                 desc="AIS runs")  # fmt: skip
     forward, reverse = join_estimates(done[0::2]), join_estimates(done[1::2])
     seconds = time.perf_counter() - tic
     report = {
@@ -107,6 +110,10 @@ def evaluate_rbm_run(
     report["figure"] = str(figure)
     if pieces > 1:
         report["ais_pieces"] = pieces
+    report["provenance"] = provenance.of_run(
+        "rbm evaluate", rbm, config, settings=settings, seed=seed, started=started,
+        world_size=world.size, datapoints=provenance.datapoints(x, split=split, total=len(x)),
+    )  # fmt: skip
 
     def write() -> None:
         plot_rbm(read_metrics(run_dir), forward.final_states, figure)
@@ -193,7 +200,7 @@ def add_parser(sub) -> None:
     p.add_argument("--pieces", type=int, default=1,
                    help="run each direction's chains in this many pieces, shared among the "
                    "processes of a torchrun job (default 1)")  # fmt: skip
-    add_flags(p, "seed")
+    add_flags(p, "seed", "no_progress")
     p.set_defaults(func=run_evaluate, shared=True)
 
 
@@ -224,6 +231,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         seed=args.seed,
         pieces=args.pieces,
+        progress=not args.no_progress,
     )
     if distributed.current().is_main:
         print(format_rbm_report(report))
