@@ -269,3 +269,64 @@ def test_commands_that_run_in_one_process_refuse_torchrun_in_one_line(small_runs
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("elbolab: error: bdmc runs in one process; launch it without torchrun")
     assert not (small_runs / "vae" / "bdmc.json").exists()
+
+
+def test_resuming_with_another_number_of_processes_reproduces_or_says_it_will_not(tmp_path):
+    """Trained by 2 processes, resumed by 1: the run's 2 pieces per batch are kept, and the
+    parameters are those of an uninterrupted run. By 3: a warning, and config.json says so."""
+    both = tmp_path / "uninterrupted"
+    done = _torchrun("train", "--epochs", "3", "--out", str(both), *SMALL)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name, resume in (("one", None), ("three", 3)):
+        part = tmp_path / name
+        first = _torchrun("train", "--epochs", "2", "--out", str(part), *SMALL)
+        assert first.returncode == 0, first.stderr[-2000:]
+        if resume is None:
+            assert main(["train", "--epochs", "3", "--resume", "--out", str(part), *SMALL]) == 0
+            assert _same(_weights(part), _weights(both), atol=1e-6)
+        else:
+            again = _torchrun("train", "--epochs", "3", "--resume", "--out", str(part), *SMALL,
+                              nproc=resume)  # fmt: skip
+            assert again.returncode == 0, again.stderr[-2000:]
+            assert again.stderr.count("will not equal an uninterrupted run") == 1
+        status = json.loads((part / "config.json").read_text())["trained"]
+        stretches = [(s["from_epoch"], s["to_epoch"], s["processes"], s["shards"])
+                     for s in status["stretches"]]  # fmt: skip
+        assert stretches == [(0, 2, 2, 2), (2, 3, resume or 1, resume or 2)]
+
+
+def _launch(rank: int, port: int, args: list[str], queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), ELBOLAB_DIST_TIMEOUT="30")  # fmt: skip
+    import contextlib
+    import io
+
+    from inference.commands.cli import main as cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli(args)
+    queue.put((rank, code, err.getvalue()))
+
+
+@pytest.mark.parametrize(
+    "differ", [("--k", "1,5", "1,10"), ("--seed", "0", "7"), ("--limit", "20", "30")]
+)
+def test_hand_launched_ranks_with_different_settings_stop_in_one_line(small_runs, differ):
+    flag, mine, theirs = differ
+    base = ["evaluate", str(small_runs / "vae"), "--no-progress"]
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_launch, args=(r, port, [*base, flag, (mine, theirs)[r]], queue))
+             for r in range(2)]  # fmt: skip
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    for rank, code, err in results:
+        assert code == 1 and err.count("\n") == 1, (rank, err)
+        shown = [v.split(",")[-1] for v in (mine, theirs)]  # --k 1,5 is shown as [1, 5]
+        assert f"{flag}: rank 0 has" in err and all(v in err for v in shown), err
+        assert "launch every rank with the same command" in err

@@ -105,8 +105,12 @@ def test_bad_inputs_are_named(change, message):
 def fresh_kernels(monkeypatch, tmp_path):
     """The kernels module as in a new process, with its cache in ``tmp_path``."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    for name, value in (("_library", None), ("_reason", None), ("_loaded", False),
-                        ("_fallback", None)):
+    for name, value in (
+        ("_library", None),
+        ("_reason", None),
+        ("_loaded", False),
+        ("_fallback", None),
+    ):
         monkeypatch.setattr(kernels, name, value)
     return tmp_path / "elbolab" / "kernels"
 
