@@ -606,14 +606,6 @@ def restore_rng(state: dict, shuffle: torch.Generator) -> None:
     shuffle.set_state(state["shuffle"])
 
 
-def read_report(run_dir: Path, name: str) -> dict:
-    """A JSON report (``eval.json``, ``gaps.json``, ...) that a command wrote into a run."""
-    path = Path(run_dir) / name
-    if not path.exists():
-        raise RunError(f"{run_dir} has no {name}")
-    return json.loads(path.read_text())
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     if not path.exists():

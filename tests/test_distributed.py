@@ -233,7 +233,7 @@ def test_sharded_gaps_and_rbm_evaluate_give_the_numbers_of_one_process(
                          "90", "--batch-size", "40", "--no-progress", nproc=nproc)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.count("written") == 1
-        reports[nproc] = _json_without(run / "gaps.json", "run")
+        reports[nproc] = _json_without(run / "gaps.json", "run", "provenance")
     assert reports[2] == reports[1]
     assert reports[1]["num_datapoints"] == 90 and "cremer" in reports[1]
     rbm = tmp_path / "rbm"
@@ -247,7 +247,7 @@ def test_sharded_gaps_and_rbm_evaluate_give_the_numbers_of_one_process(
         done = _torchrun("rbm", "evaluate", str(rbm), *args, "--pieces", pieces, nproc=nproc)
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.count("bracket") == 1
-        report = _json_without(rbm / "rbm_eval.json", "run", "ais_seconds")
+        report = _json_without(rbm / "rbm_eval.json", "run", "ais_seconds", "provenance")
         expected = single if pieces == "3" else evaluate_rbm(rbm, *args)
         assert report == expected
 
@@ -256,7 +256,7 @@ def evaluate_rbm(run: Path, *args: str) -> dict:
     """``rbm evaluate`` in one process (one thread, as the torchrun workers), its report."""
     done = _torchrun("rbm", "evaluate", str(run), *args, nproc=1)
     assert done.returncode == 0, done.stderr[-2000:]
-    return _json_without(run / "rbm_eval.json", "run", "ais_seconds")
+    return _json_without(run / "rbm_eval.json", "run", "ais_seconds", "provenance")
 
 
 def test_commands_that_run_in_one_process_refuse_torchrun_in_one_line(small_runs, capsys):
