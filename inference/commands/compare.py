@@ -175,7 +175,7 @@ def format_compare(result: dict) -> str:
     """The side-by-side table printed by ``elbolab compare``."""
     columns = [
         ("run", "<18"), ("objective", ">10"), ("K", ">4"), ("epochs", ">7"), ("ELBO", ">10.2f"),
-        ("log p(x)", ">10.2f"), ("MC s.e.", ">8.2f"), ("data s.e.", ">10.2f"), ("gap", ">7.2f"),
+        ("log p(x)", ">10.2f"), ("MC s.e.", ">8.3f"), ("data s.e.", ">10.3f"), ("gap", ">7.2f"),
         ("k-hat med", ">10"), ("k>=0.7", ">8"), ("active", ">8"),
     ]  # fmt: skip
     rows = []
