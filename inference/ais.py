@@ -185,6 +185,22 @@ class AISEstimate(Bound):
     inverse temperatures it ran through (placed by a pilot run for the
     adaptive schedule) and ``step_sizes`` the step size at each, where they
     were fixed in advance (the adaptive schedule's pilot learnt them).
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> def model(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    ...         pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+    >>> def guide(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         pyro.sample("z", dist.Normal(0.8 * x, 0.6))
+    >>> x = torch.tensor([-1.0, 0.3, 2.0])
+    >>> from inference import AISEstimate, annealed_log_marginal
+    >>> ais = annealed_log_marginal(model, guide, x, num_chains=8, num_temperatures=20)
+    >>> isinstance(ais, AISEstimate), ais.acceptance.shape[-1]
+    (True, 3)
     """
 
     log_weights: torch.Tensor | None = None
@@ -704,6 +720,25 @@ def annealed_log_marginal(
     AISEstimate
         ``value`` and ``stderr`` (delta method over chains) of shape (N,), the
         log weights, acceptance rates, final step sizes and the betas.
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> def model(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    ...         pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+    >>> def guide(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         pyro.sample("z", dist.Normal(0.8 * x, 0.6))
+    >>> x = torch.tensor([-1.0, 0.3, 2.0])
+    >>> from inference import annealed_log_marginal
+    >>> ais = annealed_log_marginal(model, guide, x, num_chains=8, num_temperatures=50)
+    >>> ais.value.shape                               # log p(x_n), a stochastic lower bound
+    torch.Size([3])
+    >>> exact = dist.Normal(0.0, 1.25 ** 0.5).log_prob(x)
+    >>> bool(((ais.value - exact).abs() < 0.5).all())
+    True
     """
     if initial not in INITIALS:
         raise ValueError(f"initial must be one of {', '.join(INITIALS)}, got {initial!r}")
@@ -876,6 +911,24 @@ def bdmc(
         ``lower`` and ``upper`` (:class:`AISEstimate` / :class:`~inference.bounds.Bound`,
         per datapoint), ``gap`` (upper - lower, per datapoint), ``x`` (the
         simulated data), ``acceptance`` (forward and reverse).
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> def model(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    ...         pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+    >>> def guide(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         pyro.sample("z", dist.Normal(0.8 * x, 0.6))
+    >>> x = torch.tensor([-1.0, 0.3, 2.0])
+    >>> from inference import bdmc
+    >>> result = bdmc(model, guide, x, num_points=2, num_chains=4, num_temperatures=20)
+    >>> sorted(result)[:2]                           # forward (lower) and reverse (upper) AIS
+    [...]
+    >>> bool((result["lower"].value <= result["upper"].value + 1.0).all())
+    True
     """
     if num_points < 1 or num_points > x.shape[0]:
         raise ValueError(f"num_points must lie in 1..{x.shape[0]}, got {num_points}")
@@ -904,6 +957,20 @@ def bdmc_joint(model: Callable, guide: Callable | None, *args, **settings) -> di
     dict
         ``lower``, ``upper``, ``gap`` (scalars as one-element tensors),
         ``observed`` (the simulated observations), ``acceptance``.
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> def coin(flips):
+    ...     p = pyro.sample("p", dist.Beta(2.0, 3.0))
+    ...     with pyro.plate("data", len(flips)):
+    ...         pyro.sample("flips", dist.Bernoulli(p), obs=flips)
+    >>> flips = torch.tensor([1.0, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1, 0])
+    >>> from inference import bdmc_joint
+    >>> result = bdmc_joint(coin, None, flips, num_chains=8, num_temperatures=50,
+    ...                     initial="prior")
+    >>> result["lower"].value.shape                  # one bracket of log p(D), simulated D
+    torch.Size([])
     """
     names = ("num_chains", "num_temperatures", "leapfrog_steps", "schedule", "initial",
              "step_size", "target_accept", "progress", "compile", "betas",
@@ -1056,6 +1123,23 @@ def ais_over_data(
     are shared among the processes of a torchrun job (see
     :func:`inference.distributed.map_units`): the same numbers for any number
     of processes.
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> def model(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    ...         pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+    >>> def guide(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         pyro.sample("z", dist.Normal(0.8 * x, 0.6))
+    >>> x = torch.tensor([-1.0, 0.3, 2.0])
+    >>> from inference import ais_over_data
+    >>> ais = ais_over_data(model, guide, x, batch_size=2, num_chains=4, num_temperatures=20,
+    ...                     progress=False)
+    >>> ais.value.shape
+    torch.Size([3])
     """
     one = data.shape[0] <= batch_size  # one batch: its own bar, over the temperatures
 

@@ -57,6 +57,19 @@ def amortization_split(
     dict
         Per-datapoint ``elbo_amortized``, ``elbo_optimal``, ``approximation_gap``,
         ``amortization_gap``, ``total_gap`` (tensors of shape (N,)).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from ppl_models import build_model
+    >>> from inference import amortization_split, iwae_bound, log_importance_weights
+    >>> vae = build_model("vae", x_dim=8, hidden=[16], z_dim=2)
+    >>> x = torch.bernoulli(torch.full((3, 8), 0.5))
+    >>> log_w = log_importance_weights(vae.model, vae.guide, x, num_particles=200)
+    >>> log_px = iwae_bound(log_w).value
+    >>> split = amortization_split(vae, x, log_px=log_px, steps=5, eval_particles=50)
+    >>> split["total_gap"].shape
+    torch.Size([3])
     """
     names = [*getattr(model, "h_names", []), "z"]
     if getattr(model, "corruption", None):

@@ -80,10 +80,58 @@ def across_datapoints(values: torch.Tensor) -> dict:
 
 @dataclass(frozen=True)
 class Bound:
-    """A bound per datapoint with its Monte Carlo standard error (same shape)."""
+    """A bound per datapoint with its Monte Carlo standard error (same shape).
+
+    Every estimator of elbolab returns its per-datapoint results this way:
+    ``value[n]`` bounds (or estimates) log p(x_n), ``stderr[n]`` is its Monte
+    Carlo standard error. The average over datapoints has two errors, named
+    apart: :attr:`mc_stderr` (another seed, the datapoints fixed) and
+    :attr:`datapoint_stderr` (other datapoints; std / sqrt(N)).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from inference import iwae_bound
+    >>> log_w = torch.randn(100, 5) - 3.0          # K = 100 particles, N = 5 datapoints
+    >>> b = iwae_bound(log_w)
+    >>> b.value.shape, b.stderr.shape
+    (torch.Size([5]), torch.Size([5]))
+    >>> summary = b.summary()                      # the average, with both errors
+    >>> sorted(summary)
+    ['datapoint_stderr', 'error', 'mc_stderr', 'mean', 'stderr']
+    >>> b.to_xarray().sizes["datapoint"]
+    5
+    """
 
     value: torch.Tensor
     stderr: torch.Tensor
+
+    @property
+    def mc_stderr(self) -> float:
+        """Monte Carlo standard error of the average over datapoints (datapoints fixed)."""
+        return self.mean()[1]
+
+    @property
+    def datapoint_stderr(self) -> float:
+        """Standard error of the average from the spread over datapoints, std / sqrt(N)."""
+        n = self.value.numel()
+        return float(self.value.double().std() / math.sqrt(n)) if n > 1 else math.inf
+
+    def to_xarray(self, name: str = "bound"):
+        """The per-datapoint values and errors as an ``xarray.Dataset`` (dim ``datapoint``).
+
+        The average and both of its errors are the Dataset's attributes, so
+        that it slots into an ArviZ ``DataTree`` (``tree["bounds"] = ...``).
+        """
+        import xarray as xr
+
+        value = self.value.detach().cpu().double().reshape(-1).numpy()
+        stderr = self.stderr.detach().cpu().double().reshape(-1).numpy()
+        return xr.Dataset(
+            {name: ("datapoint", value), f"{name}_mc_stderr": ("datapoint", stderr)},
+            attrs={"mean": float(value.mean()), "mc_stderr": self.mc_stderr,
+                   "datapoint_stderr": self.datapoint_stderr, "units": "nats"},
+        )  # fmt: skip
 
     def mean(self) -> tuple[float, float]:
         """Average over datapoints and the standard error of that average.
@@ -103,9 +151,8 @@ class Bound:
         average would move with other datapoints from the same distribution.
         """
         mean, mc = self.mean()
-        n = self.value.numel()
-        spread = float(self.value.double().std() / math.sqrt(n)) if n > 1 else math.inf
-        return {**summary(mean, mc, MONTE_CARLO), "mc_stderr": mc, "datapoint_stderr": spread}
+        return {**summary(mean, mc, MONTE_CARLO), "mc_stderr": mc,
+                "datapoint_stderr": self.datapoint_stderr}  # fmt: skip
 
     @staticmethod
     def cat(bounds: list[Bound]) -> Bound:
@@ -120,6 +167,14 @@ def elbo_bound(log_w: torch.Tensor) -> Bound:
     ----------
     log_w : torch.Tensor
         Shape (K, ...), particles first.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from inference import elbo_bound
+    >>> log_w = torch.randn(100, 5) - 3.0             # K = 100 particles, N = 5 datapoints
+    >>> elbo_bound(log_w).value.shape
+    torch.Size([5])
     """
     num = log_w.shape[0]
     value = log_w.mean(0)
@@ -150,6 +205,14 @@ def iwae_bound(log_w: torch.Tensor, *, k: int | None = None) -> Bound:
     References
     ----------
     Burda, Grosse & Salakhutdinov (2016), Importance Weighted Autoencoders, ICLR.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from inference import elbo_bound, iwae_bound
+    >>> log_w = torch.randn(1000, 5) - 3.0
+    >>> bool((iwae_bound(log_w, k=10).value >= elbo_bound(log_w).value).all())
+    True
     """
     total = log_w.shape[0]
     k = total if k is None else int(k)

@@ -57,7 +57,14 @@ SPARSE_DENSITY = 0.25
 
 @dataclass
 class RBMConfig(RunConfig):
-    """Everything that defines an RBM training run (saved as ``config.json``)."""
+    """Everything that defines an RBM training run (saved as ``config.json``).
+
+    Examples
+    --------
+    >>> from inference import RBMConfig
+    >>> RBMConfig(hidden=20, method="pcd", cd_steps=1).validate().method
+    'pcd'
+    """
 
     kind: ClassVar[str] = "rbm"
     data: str = "digits"
@@ -301,6 +308,15 @@ def train_rbm(
     ------
     TrainingDiverged
         When a parameter becomes NaN or infinite; the last good checkpoint stays.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from inference import RBMConfig, train_rbm
+    >>> out = tempfile.mkdtemp() + "/rbm"
+    >>> rbm = train_rbm(RBMConfig(hidden=4, epochs=1), out, progress=False)
+    >>> rbm.W.shape
+    torch.Size([64, 4])
     """
     out = Path(out)
     world = distributed.current()

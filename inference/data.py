@@ -42,7 +42,17 @@ SPLIT_SEED = 0  # the digits and synthetic splits are fixed, whatever the traini
 
 
 class DataError(ValueError):
-    """Bad or missing input data; the message names the problem."""
+    """Bad or missing input data; the message names the problem.
+
+    Examples
+    --------
+    >>> from inference import DataError, load_dataset
+    >>> try:
+    ...     load_dataset("binarized-mnist", path="no/such/file.npz")
+    ... except DataError as err:
+    ...     print(str(err)[:40])
+    binarized-mnist: no such file or folder:
+    """
 
 
 @dataclass
@@ -51,6 +61,13 @@ class Dataset:
 
     Splits are loaded and checked when first used (a command that evaluates
     the test split never holds the training split in memory).
+
+    Examples
+    --------
+    >>> from inference import Dataset, load_dataset
+    >>> digits = load_dataset("digits")
+    >>> isinstance(digits, Dataset), digits.splits
+    (True, ...)
     """
 
     name: str
@@ -322,6 +339,13 @@ def load_dataset(
 
     ``min_count`` and ``max_vocab`` shape the vocabulary of a text data set
     (see :func:`bag_of_words`); ``None`` takes the defaults.
+
+    Examples
+    --------
+    >>> from inference import load_dataset
+    >>> digits = load_dataset("digits")              # bundled with scikit-learn: offline
+    >>> digits.split("train").shape[1], digits.likelihood
+    (64, 'bernoulli')
     """
     if path is not None:
         where = Path(path).expanduser()

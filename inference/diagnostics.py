@@ -24,6 +24,7 @@ import torch
 from pyro.infer import Predictive
 
 from . import bounds
+from .bounds import Bound
 from .runs import atomic_write
 
 KHAT_GOOD = 0.5
@@ -64,6 +65,14 @@ def psis_khat(log_w) -> np.ndarray:
     Vehtari, Simpson, Gelman, Yao & Gabry (2024), Pareto Smoothed Importance
     Sampling, JMLR 25. Yao, Vehtari, Simpson & Gelman (2018), Yes, but Did It
     Work?: Evaluating Variational Inference, ICML.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from inference import psis_khat
+    >>> log_w = torch.distributions.Normal(0.0, 1.0).log_prob(torch.randn(1000, 4) * 0.5)
+    >>> psis_khat(log_w).shape                        # one k-hat per datapoint (column)
+    (4,)
     """
     from arviz_stats.base import array_stats
 
@@ -95,7 +104,15 @@ def _column_khat(lw: np.ndarray, array_stats) -> float:
 
 
 def importance_ess(log_w) -> np.ndarray:
-    """Importance-sampling effective sample size 1 / sum_k wbar_k^2 per datapoint, as numpy."""
+    """Importance-sampling effective sample size 1 / sum_k wbar_k^2 per datapoint, as numpy.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from inference import importance_ess
+    >>> importance_ess(torch.zeros(100, 2))           # equal weights: ESS = K
+    array([100., 100.]...)
+    """
     return bounds.importance_ess(torch.as_tensor(_numpy(log_w))).numpy()
 
 
@@ -190,6 +207,19 @@ def from_mcmc(mcmc, *, dims=None, coords=None):
 
     ``posterior`` holds every sampled site as (chain, draw, ...); ``sample_stats``
     holds the per-chain divergence indicator when Pyro recorded it.
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> from pyro.infer import MCMC, NUTS
+    >>> from inference import from_mcmc
+    >>> def model():
+    ...     pyro.sample("mu", dist.Normal(0.0, 1.0))
+    >>> mcmc = MCMC(NUTS(model), num_samples=20, warmup_steps=20, disable_progbar=True)
+    >>> mcmc.run()
+    >>> tree = from_mcmc(mcmc)
+    >>> dict(tree["posterior"]["mu"].sizes)
+    {'chain': 1, 'draw': 20}
     """
     samples = mcmc.get_samples(group_by_chain=True)
     chains, draws = next(iter(samples.values())).shape[:2]
@@ -220,6 +250,22 @@ def from_guide(
     under the guide (for a hierarchical encoder, q(z | x) with the layers
     below z sampled). ``sites`` restricts the tree to those sites; ``names``
     renames sites in it (site -> variable).
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> def model(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    ...         pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+    >>> def guide(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         pyro.sample("z", dist.Normal(0.8 * x, 0.6))
+    >>> x = torch.tensor([-1.0, 0.3, 2.0])
+    >>> from inference import from_guide
+    >>> tree = from_guide(guide, x, num_samples=10)
+    >>> tree["posterior"]["z"].sizes["draw"]
+    10
     """
     with torch.no_grad():
         predictive = Predictive(guide, num_samples=num_samples, parallel=True, return_sites=sites)
@@ -237,7 +283,18 @@ def weights_to_datatree(
     """Per-datapoint log weights (and bounds, k-hat, ESS) as a DataTree.
 
     ``log_weights`` holds ``log_w`` with dims (particle, datapoint);
-    ``bounds`` holds per-datapoint values (dim ``datapoint``).
+    ``bounds`` holds per-datapoint values (dim ``datapoint``): arrays, or
+    :class:`~inference.bounds.Bound` objects, whose Monte Carlo errors go
+    beside them as ``NAME_mc_stderr``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from inference import iwae_bound, weights_to_datatree
+    >>> log_w = torch.randn(50, 3)
+    >>> tree = weights_to_datatree(log_w, bounds={"iwae": iwae_bound(log_w)})
+    >>> sorted(tree.children)
+    ['bounds', 'log_weights']
     """
     import xarray as xr
 
@@ -252,8 +309,12 @@ def weights_to_datatree(
     per_point = {
         "khat": psis_khat(lw),
         "is_ess": importance_ess(lw),
-        **{name: _numpy(v) for name, v in (bounds or {}).items()},
     }
+    for name, value in (bounds or {}).items():
+        if isinstance(value, Bound):
+            per_point[f"{name}_mc_stderr"] = _numpy(value.stderr)
+            value = value.value
+        per_point[name] = _numpy(value)
     stats = xr.Dataset({k: ("datapoint", v) for k, v in per_point.items()}, coords=coords)
     return xr.DataTree.from_dict({"log_weights": weights, "bounds": stats})
 

@@ -73,6 +73,22 @@ def evaluate_bounds(
     dict
         ``"elbo"`` and ``"iwae"`` (a dict k -> :class:`Bound`) with per-datapoint
         values, ``"decomposition"`` and ``"statistics"`` (per-datapoint tensors).
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> def model(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    ...         pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+    >>> def guide(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         pyro.sample("z", dist.Normal(0.8 * x, 0.6))
+    >>> x = torch.tensor([-1.0, 0.3, 2.0])
+    >>> from inference import evaluate_bounds
+    >>> result = evaluate_bounds(model, guide, x, ks=(1, 10, 100), progress=False)
+    >>> sorted(result["iwae"]), result["elbo"].value.shape
+    ([1, 10, 100], torch.Size([3]))
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:

@@ -186,6 +186,18 @@ def hierarchical_bounds(
     S times more per particle. ``statistics`` maps names to functions of the
     (K, N) log weights (for example the PSIS k-hat), returned under
     ``"statistics"``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from ppl_models import build_model
+    >>> from inference import hierarchical_bounds
+    >>> hvae = build_model("hvae", x_dim=8, hidden=[16], z_dim=2, layers=2)
+    >>> x = torch.bernoulli(torch.full((4, 8), 0.5))
+    >>> b = hierarchical_bounds(hvae.model, hvae.guide, x, aux_sites=hvae.h_names,
+    ...                         num_particles=20, inner_samples=(1, 5))
+    >>> sorted(b["bounds"])[:4]                     # each a Bound per datapoint
+    ['l_aux', 'l_h', 'l_marg[1]', 'l_marg[5]']
     """
     marg_particles = marg_particles or num_particles
     minibatch = dry_run(model, guide, (x,), kwargs)[1]  # one for every term

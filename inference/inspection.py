@@ -40,6 +40,22 @@ class PairError(ValueError):
 
     ``command`` is the advice for a user of the ``elbolab`` command where it
     differs from the library's (which names Python arguments).
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> from pyro.infer.autoguide import AutoDelta
+    >>> from inference import PairError, log_importance_weights
+    >>> def model(x):
+    ...     z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    ...     with pyro.plate("data", len(x)):
+    ...         pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+    >>> try:
+    ...     log_importance_weights(model, AutoDelta(model), torch.zeros(3), num_particles=2,
+    ...                            plate=None)
+    ... except PairError as err:
+    ...     print("refused")
+    refused
     """
 
     def __init__(self, message: str, *, command: str | None = None) -> None:
@@ -281,6 +297,21 @@ def inspect_pair(model: Callable, guide: Callable, *args, plate: str | None = "d
     -------
     list of SiteReport
         Guide sites first, then the model's, in the order they were sampled.
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> def model(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    ...         pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+    >>> def guide(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         pyro.sample("z", dist.Normal(0.8 * x, 0.6))
+    >>> x = torch.tensor([-1.0, 0.3, 2.0])
+    >>> from inference import inspect_pair
+    >>> [(r.name, r.role) for r in inspect_pair(model, guide, x)][:2]
+    [('z', ...), ...]
     """
     from .tracing import dry_traces, sample_sites
 

@@ -332,6 +332,24 @@ def make_objective(name: str, *, num_particles: int = 1, plate: str | None = "da
     -------
     object
         With ``loss`` and ``differentiable_loss(model, guide, *args, **kwargs)``.
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> def model(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    ...         pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+    >>> def guide(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         pyro.sample("z", dist.Normal(0.8 * x, 0.6))
+    >>> x = torch.tensor([-1.0, 0.3, 2.0])
+    >>> from pyro.infer import SVI
+    >>> from inference import make_objective
+    >>> loss = make_objective("iwae", num_particles=5)   # Pyro's loss interface
+    >>> svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=loss)
+    >>> bool(torch.isfinite(torch.tensor(svi.step(x))))
+    True
     """
     if name == "elbo":
         return ELBO(num_particles=num_particles, plate=plate)

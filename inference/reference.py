@@ -44,6 +44,18 @@ def run_nuts(
         Site name -> tensor of shape (chain, draw, ...).
     divergences : dict
         Chain -> indices of divergent transitions.
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> from inference import run_nuts
+    >>> def model(x):
+    ...     z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    ...     pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+    >>> samples, divergences = run_nuts(model, torch.tensor(1.0), num_chains=1, num_samples=20,
+    ...                                 warmup_steps=20)
+    >>> samples["z"].shape                            # (chain, draw)
+    torch.Size([1, 20])
     """
     per_chain: list[dict[str, torch.Tensor]] = []
     divergences: dict[int, list[int]] = {}

@@ -132,7 +132,15 @@ class RunConfig:
 
 @dataclass
 class TrainConfig(RunConfig):
-    """Everything that defines a training run (saved as ``config.json``)."""
+    """Everything that defines a training run (saved as ``config.json``).
+
+    Examples
+    --------
+    >>> from inference import TrainConfig
+    >>> config = TrainConfig(model="vae", objective="dreg", num_particles=5, epochs=2)
+    >>> config.validate().objective
+    'dreg'
+    """
 
     kind: ClassVar[str] = "svi"
     model: str = "vae"
@@ -654,7 +662,18 @@ def _build_builtin(config: TrainConfig, dataset: Dataset) -> torch.nn.Module:
 
 
 def load_run(run_dir: Path, *, device: str = "cpu") -> tuple[TrainConfig, Dataset, torch.nn.Module]:
-    """Configuration, data set and trained model of a run directory."""
+    """Configuration, data set and trained model of a run directory.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from inference import TrainConfig, load_run, train
+    >>> out = tempfile.mkdtemp() + "/run"
+    >>> _ = train(TrainConfig(epochs=1, hidden=[8], z_dim=2, batch_size=512), out, progress=False)
+    >>> config, dataset, model = load_run(out)
+    >>> config.epochs, dataset.name
+    (1, 'digits')
+    """
     config = read_config(run_dir)
     if user_model.is_reference(config.model):
         user_model.check_unchanged(config.model, config.model_sha256, run_dir=run_dir,

@@ -51,6 +51,14 @@ def active_units(means: torch.Tensor, *, threshold: float = ACTIVE_THRESHOLD) ->
     """Number of latent units u with Var_x(E_q[z_u | x]) > ``threshold``.
 
     ``means`` holds E_q[z | x] per datapoint (rows).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from inference import active_units
+    >>> means = torch.stack([torch.randn(100), torch.zeros(100)], dim=1)  # E_q[z | x_n], 2 units
+    >>> active_units(means)                          # the second never moves with x
+    1
     """
     return int((means.var(0) > threshold).sum())
 
@@ -118,6 +126,17 @@ def aggregate_posterior_terms(
     dict
         ``average_kl``, ``marginal_kl`` (KL(q(z) || p(z))), ``mutual_information``
         (I_q(x; z)), ``log_n`` (its upper bound), in nats.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from ppl_models import build_model
+    >>> from inference import aggregate_posterior_terms
+    >>> vae = build_model("vae", x_dim=8, hidden=[16], z_dim=2)
+    >>> x = torch.bernoulli(torch.full((20, 8), 0.5))
+    >>> terms = aggregate_posterior_terms(vae.posterior, vae.prior(x), x)
+    >>> "mutual_information" in terms or len(terms) > 0
+    True
     """
     n = x.shape[0]
     with torch.no_grad():

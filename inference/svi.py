@@ -145,6 +145,16 @@ def train(
     TrainingDiverged
         When a loss is NaN or infinite. Parameters from the last completed
         epoch stay in ``out/checkpoint.pt``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from inference import TrainConfig, train
+    >>> out = tempfile.mkdtemp() + "/run"
+    >>> config = TrainConfig(epochs=1, hidden=[8], z_dim=2, batch_size=512)
+    >>> model = train(config, out, progress=False)
+    >>> sorted(p.name for p in __import__("pathlib").Path(out).iterdir())[:3]
+    ['checkpoint.pt', 'config.json', 'metrics.jsonl']
     """
     out = Path(out)
     config.validate()

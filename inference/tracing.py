@@ -671,6 +671,22 @@ def log_importance_weights(
     References
     ----------
     Burda, Grosse & Salakhutdinov (2016), Importance Weighted Autoencoders, ICLR.
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> def model(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    ...         pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+    >>> def guide(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         pyro.sample("z", dist.Normal(0.8 * x, 0.6))
+    >>> x = torch.tensor([-1.0, 0.3, 2.0])
+    >>> from inference import log_importance_weights
+    >>> log_w = log_importance_weights(model, guide, x, num_particles=1000)
+    >>> log_w.shape                                   # (K, N): particles, datapoints
+    torch.Size([1000, 3])
     """
     if num_particles < 1:
         raise ValueError(f"num_particles must be >= 1, got {num_particles}")
@@ -717,6 +733,22 @@ def elbo_decomposition(
     dict
         ``reconstruction``, ``kl``, ``entropy``, ``cross_entropy``, ``elbo``,
         each (N,) (or scalar without a data plate), and ``kl_analytic`` (bool).
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> def model(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    ...         pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+    >>> def guide(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         pyro.sample("z", dist.Normal(0.8 * x, 0.6))
+    >>> x = torch.tensor([-1.0, 0.3, 2.0])
+    >>> from inference import elbo_decomposition
+    >>> parts = elbo_decomposition(model, guide, x, num_particles=100)
+    >>> sorted(parts)[:4]
+    ['cross_entropy', 'elbo', 'entropy', 'kl']
     """
     with torch.no_grad():
         nesting = max_plate_nesting
