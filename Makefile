@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.elbolab-installed
 ARVIZ  := "arviz==1.3.*" "arviz-base==1.3.*" "arviz-stats==1.3.*" "arviz-plots==1.3.*"
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint docs bench install clean
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	# ArviZ 1.3 declares Python >= 3.12 but is pure Python; install its needs, then it without resolution.
 	$(BIN)/python -m pip install -q "numpy>=2" "scipy>=1.13" "xarray>=2024.11" xarray-einstats lazy_loader h5netcdf h5py matplotlib
 	$(BIN)/python -m pip install -q --no-deps --ignore-requires-python $(ARVIZ)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,docs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -27,8 +27,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check ppl_models inference tests benchmarks docs
 	$(BIN)/ruff format --check ppl_models inference tests benchmarks docs
 
-test: $(STAMP) lint
+test: $(STAMP) lint docs
 	$(BIN)/python -m pytest -q
+
+# The documentation site, offline, warnings as errors, every internal link checked.
+docs: $(STAMP)
+	rm -rf docs/_build docs/api
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+	$(BIN)/python docs/check_links.py docs/_build/html
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/exactness.py
@@ -40,4 +46,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_distributed.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache docs/_build docs/api

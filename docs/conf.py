@@ -25,7 +25,7 @@ extensions = [
     "numpydoc",
     "myst_nb",
 ]
-source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb", ".rst": "restructuredtext"}
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "examples", "Thumbs.db", ".DS_Store", "**/.ipynb_checkpoints"]
 templates_path = []
 

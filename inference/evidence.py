@@ -165,7 +165,7 @@ def bayes_factors(evidence: dict[str, Evidence]) -> list[dict]:
 
     Each entry: ``numerator``, ``denominator``, ``log_bf`` =
     log p(D | numerator) - log p(D | denominator), ``stderr`` (the two runs
-    are independent) and ``decided``: whether |log_bf| exceeds both its
+    are independent) and ``decided``: whether ``abs(log_bf)`` exceeds both its
     3 s.e. and the wider BDMC gap (plus two of its s.e.) of the two models.
 
     Examples
