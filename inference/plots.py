@@ -43,9 +43,9 @@ def plot_iwae_ladder(report: dict, path: Path) -> Path:
     if "exact_log_px" in report:
         ax.axhline(report["exact_log_px"], color="k", ls=":", label="exact log p(x)")
     ax.set_xscale("log")
-    ax.set_xlabel("k (importance samples)")
-    ax.set_ylabel("nats per datapoint")
-    ax.set_title(f"Bounds on log p(x), {report['split']} split")
+    ax.set_xlabel("k, importance samples per datapoint")
+    ax.set_ylabel("bound on log p(x) (nats per datapoint)")
+    ax.set_title(f"IWAE-k against the ELBO, {report['split']} split (bars: MC s.e.)", fontsize=10)
     ax.legend(loc="lower right")
     fig.tight_layout()
     return _save(fig, path)
@@ -76,19 +76,43 @@ def plot_images(rows: list[tuple[str, torch.Tensor]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_training(metrics: list[dict], path: Path) -> Path:
-    """Training bound and held-out ELBO per epoch."""
+def objective_label(objective: str, num_particles: int) -> str:
+    """A training objective as a bound's name: ``IWAE-5``, ``ELBO``, ``DReG IWAE-5``."""
+    names = {"iwae": f"IWAE-{num_particles}", "dreg": f"IWAE-{num_particles} (DReG gradients)",
+             "elbo": "ELBO", "meanfield": "ELBO (analytic KL)", "trace-elbo": "ELBO",
+             "trace-enum-elbo": "ELBO (enumerated)"}  # fmt: skip
+    return names.get(objective, objective)
+
+
+def plot_training(metrics: list[dict], path: Path, *, objective: str | None = None) -> Path:
+    """The training objective and the held-out ELBO per epoch: two different bounds.
+
+    ``objective`` names the training bound (e.g. ``"IWAE-5"``); an IWAE
+    objective sits above the ELBO of the same model, so the two curves are
+    not comparable as one quantity, and the legend says which is which.
+    """
     fig, ax = _pyplot().subplots(figsize=(5.5, 3.8))
     epochs = [m["epoch"] for m in metrics]
-    ax.plot(epochs, [m["train_bound"] for m in metrics], label="training objective")
+    name = objective or "training objective"
+    ax.plot(epochs, [m["train_bound"] for m in metrics],
+            label=f"{name} on training minibatches (the bound trained)")  # fmt: skip
     for key in metrics[0]:
         if key.endswith("_elbo"):
-            ax.plot(epochs, [m[key] for m in metrics], label=key.replace("_", " "))
+            split = key[: -len("_elbo")]
+            ax.plot(epochs, [m[key] for m in metrics], label=f"ELBO on the {split} split")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("nats per datapoint")
-    ax.legend()
+    ax.set_ylabel("bound on log p(x) (nats per datapoint)")
+    ax.set_title(f"Training: {name} against the held-out ELBO", fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+RBM_UNITS = {
+    "exact_log_likelihood": "log p(v), nats per image",
+    "pseudo_log_likelihood": "pseudo log-likelihood, nats per image",
+    "reconstruction_error": "squared error per image (pixels)",
+}
 
 
 def plot_rbm(metrics: list[dict], samples: torch.Tensor | None, path: Path) -> Path:
@@ -106,9 +130,10 @@ def plot_rbm(metrics: list[dict], samples: torch.Tensor | None, path: Path) -> P
     epochs = [m["epoch"] for m in metrics]
     for i, key in enumerate(keys):
         ax = fig.add_subplot(grid[0, i])
-        ax.plot(epochs, [m[key] for m in metrics])
+        ax.plot(epochs, [m[key] for m in metrics], marker="." if len(epochs) < 30 else None)
         ax.set_title(f"held-out {key.replace('_', ' ')}", fontsize=9)
         ax.set_xlabel("epoch")
+        ax.set_ylabel(RBM_UNITS[key], fontsize=8)
     if side:
         n = min(samples.shape[0], 32) // 2 * 2 or 1
         tiles = samples[:n].reshape(n, side, side).cpu().numpy()
@@ -142,8 +167,8 @@ def plot_posterior_pairs(
             da, db = top[i][a], top[i][b] if len(top[i]) > b else top[i][a]
             ax.scatter(nuts[:, i, da], nuts[:, i, db], s=3, alpha=0.3, label="NUTS p(z|x)")
             ax.scatter(guide[:, i, da], guide[:, i, db], s=3, alpha=0.3, label="guide q(z|x)")
-            ax.set_xlabel(f"z[{da}]")
-            ax.set_ylabel(f"z[{db}]")
+            ax.set_xlabel(f"latent z[{da}]")
+            ax.set_ylabel(f"latent z[{db}]")
             if j == 0:
                 title = f"datapoint {indices[i]}"
                 if khat is not None:
@@ -154,42 +179,108 @@ def plot_posterior_pairs(
     return _save(fig, path)
 
 
-def plot_compare(rows: list[dict], khats: dict[str, np.ndarray], path: Path) -> Path:
-    """k-hat distributions (left) and IWAE ladders (right) of several runs."""
-    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(10, 3.8))
+def plot_compare(
+    rows: list[dict], khats: dict[str, np.ndarray], path: Path, *, paired: list | None = None
+) -> Path:
+    """k-hat distributions and IWAE ladders of several runs, and their paired differences.
+
+    ``paired``: ``compare``'s paired differences of log p(x) against the first
+    run (mean and paired s.e. over the same datapoints), drawn in a third
+    panel with 3 paired s.e.: whether one run beats another is read there,
+    not from the ladders' unpaired bars.
+    """
+    panels = 3 if paired else 2
+    fig, axes = _pyplot().subplots(1, panels, figsize=(5.2 * panels, 4))
+    left, right = axes[0], axes[1]
     bins = np.linspace(-0.5, 1.5, 41)
     khats = {name: k[~np.isnan(k)] for name, k in khats.items()}  # drop "not estimable"
     for name, k in khats.items():
         if len(k):
-            left.hist(np.clip(k, bins[0], bins[-1]), bins=bins, histtype="step", label=name)
-    for x, style in ((0.5, ":"), (0.7, "--")):
-        left.axvline(x, color="k", ls=style, lw=1)
-    left.set_xlabel("PSIS k-hat per datapoint")
-    left.set_ylabel("datapoints")
-    if any(len(k) for k in khats.values()):
-        left.legend(fontsize=8)
+            weights = np.full(len(k), 100.0 / len(k))  # percent of the run's datapoints
+            left.hist(np.clip(k, bins[0], bins[-1]), bins=bins, weights=weights,
+                      histtype="step", label=name)  # fmt: skip
+    left.axvline(0.5, color="k", ls=":", lw=1, label="k = 0.5: good below")
+    left.axvline(0.7, color="k", ls="--", lw=1, label="k = 0.7: not to be trusted above")
+    left.set_xlabel("PSIS k-hat of the guide's importance weights")
+    left.set_ylabel("% of datapoints")
+    left.set_title("Can the IWAE estimate be trusted? (Yao et al. 2018)", fontsize=9)
+    left.legend(fontsize=7)
     for row in rows:
         ks, means, errs = iwae_ladder(row)
         right.errorbar(ks, means, yerr=errs, marker="o", capsize=3, label=row["name"])
     right.set_xscale("log")
-    right.set_xlabel("k")
-    right.set_ylabel("IWAE-k (nats)")
+    right.set_xlabel("k, importance samples per datapoint")
+    right.set_ylabel("IWAE-k (nats per datapoint)")
+    right.set_title("IWAE-k bounds (bars: Monte Carlo s.e.)", fontsize=9)
     right.legend(fontsize=8)
+    if paired:
+        ax = axes[2]
+        for i, d in enumerate(paired):
+            ax.errorbar([d["mean"]], [i], xerr=[3 * d["paired_stderr"]], fmt="o", capsize=4,
+                        color=f"C{i + 1}")  # fmt: skip
+        ax.axvline(0.0, color="k", lw=1)
+        ax.set_yticks(range(len(paired)), [f"{d['run']}\n- {d['against']}" for d in paired],
+                      fontsize=7)  # fmt: skip
+        ax.invert_yaxis()
+        ax.set_xlabel("difference in log p(x), nats per datapoint")
+        ax.set_title("Paired differences (bars: 3 paired s.e.)", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
 
+def bound_label(name: str, report: dict | None = None) -> str:
+    """A gaps.json key in words: ``l_marg[100]`` -> ``L_marg, plug-in S = 100``."""
+    stem, _, inner = name.partition("[")
+    inner = inner.rstrip("]")
+    if name == "log_px":
+        estimator = (report or {}).get("log_px_estimator", "")
+        return f"log p(x) ({estimator})" if estimator else "log p(x)"
+    words = {
+        "iwae": f"IWAE-{inner}, extended target",
+        "l_marg": f"L_marg, plug-in S = {inner}",
+        "l_aux": "L_aux (learned reverse model)",
+        "l_h": "L_h (denoising criterion)",
+        "elbo": "ELBO",
+        "mutual_information": f"I(z; h | x), S = {inner}",
+        "reverse_slack": f"reverse slack, S = {inner}",
+    }
+    return words.get(stem, name.replace("_", " "))
+
+
 def plot_gaps(report: dict, path: Path) -> Path:
-    """The bounds of a ``gaps.json`` report as a ladder with error bars."""
+    """The bounds of a ``gaps.json`` report (left) and the chain's paired differences (right).
+
+    The bounds' error bars are unpaired and may overlap where an inequality
+    holds clearly; whether it holds is a question about the paired
+    difference of the two bounds, drawn on the right with its own 3 s.e.
+    """
     names = [n for n in report["bounds"] if not n.startswith(("mutual", "reverse"))]
     means = [report["bounds"][n]["mean"] for n in names]
     errs = [report["bounds"][n]["stderr"] for n in names]
-    fig, ax = _pyplot().subplots(figsize=(6.5, 0.45 * len(names) + 1.5))
+    chain = report.get("chain", [])
+    height = 0.45 * max(len(names), len(chain)) + 1.8
+    fig, axes = _pyplot().subplots(1, 2 if chain else 1, figsize=(12 if chain else 6.5, height),
+                                   squeeze=False)  # fmt: skip
+    ax = axes[0][0]
     ax.errorbar(means, range(len(names)), xerr=[3 * e for e in errs], fmt="o", capsize=4)
-    ax.set_yticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), [bound_label(n, report) for n in names], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("nats per datapoint (bars: 3 standard errors)")
-    ax.set_title(f"{report['model']}, {report['layers']} layer(s): bounds on log p(x)")
+    ax.set_xlabel("nats per datapoint (bars: 3 Monte Carlo s.e., unpaired)")
+    ax.set_title(f"{report['model']}, {report['layers']} layer(s): bounds on log p(x)", fontsize=10)
+    if chain:
+        ax = axes[0][1]
+        diffs = [c["difference"] for c in chain]
+        ses = [3 * c["stderr"] for c in chain]
+        colours = ["C3" if str(c.get("verdict", "")).startswith("VIOLATED") else "C2"
+                   for c in chain]  # fmt: skip
+        for i, (d, e, colour) in enumerate(zip(diffs, ses, colours, strict=True)):
+            ax.errorbar([d], [i], xerr=[e], fmt="o", capsize=4, color=colour)
+        ax.axvline(0.0, color="k", lw=1)
+        ax.set_yticks(range(len(chain)), [c["inequality"] for c in chain], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("left side minus right side, nats per datapoint (bars: 3 paired s.e.)")
+        ax.set_title("The chain: each inequality holds where its difference is >= 0 "
+                     "(green: held, red: violated)", fontsize=9)  # fmt: skip
     fig.tight_layout()
     return _save(fig, path)
 
@@ -245,6 +336,7 @@ def plot_experiment(result: dict, path: Path) -> Path:
                     label="inequality VIOLATED")  # fmt: skip
             ax.legend(fontsize=6)
         ax.set_title(f"{column} ({unit})", fontsize=9)
+        ax.set_ylabel(unit, fontsize=7)
         ax.set_xticks(positions, variants, rotation=45, ha="right", fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
     for ax in list(axes.flat)[len(columns) :]:

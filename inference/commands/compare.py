@@ -167,7 +167,7 @@ def compare_runs(
     )  # fmt: skip
     mark_folder(out, "compare")
     write_json(out / COMPARE, result)
-    plot_compare(rows, khats, out / "compare.png")
+    plot_compare(rows, khats, out / "compare.png", paired=paired)
     return result
 
 

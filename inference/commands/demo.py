@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..plots import plot_images, plot_iwae_ladder, plot_training
+from ..plots import objective_label, plot_images, plot_iwae_ladder, plot_training
 from ..runs import TrainConfig, load_run, read_metrics
 from ..svi import train
 from .evaluate import evaluate_run, format_report
@@ -36,9 +36,10 @@ def run(args: argparse.Namespace) -> int:
     print(format_report(report))
     _, dataset, model = load_run(out)
     x = dataset.split("test")[:10]
+    trained = objective_label(config.objective, config.num_particles)
     plots = [
         plot_iwae_ladder(report, out / "iwae_ladder.png"),
-        plot_training(read_metrics(out), out / "training.png"),
+        plot_training(read_metrics(out), out / "training.png", objective=trained),
         plot_images(
             [("data", x), ("reconstruction", model.reconstruct(x))], out / "reconstructions.png"
         ),  # fmt: skip
