@@ -348,3 +348,39 @@ def plot_experiment(result: dict, path: Path) -> Path:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_marginals(nuts_tree, guide_tree, *, datapoint, latents, path: Path, khat=None) -> Path:
+    """NUTS's and the guide's marginals of chosen latents of one datapoint, by arviz-plots.
+
+    ``nuts_tree`` and ``guide_tree`` are DataTrees with a variable ``z``
+    (dims chain, draw, datapoint, latent), as ``elbolab diagnose`` writes them.
+    """
+    import warnings
+
+    import arviz_plots as azp
+
+    _pyplot()  # the Agg backend before arviz-plots draws
+    coords = {"datapoint": [datapoint], "latent": list(latents)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # xarray's notices inside arviz-plots
+        collection = azp.plot_dist(
+            {"NUTS p(z | x)": nuts_tree, "guide q(z | x)": guide_tree}, var_names=["z"],
+            coords=coords, backend="matplotlib",
+        )  # fmt: skip
+    fig = collection.viz["figure"].item()
+    fig.set_size_inches(3.2 * len(latents), 3.4)
+    for ax, latent in zip(fig.axes, latents, strict=False):
+        ax.set_title(f"latent z[{latent}]", fontsize=9)
+        ax.set_xlabel("value of the latent", fontsize=8)
+    title = f"Datapoint {datapoint}: NUTS and the guide on its {len(latents)} widest latents"
+    if khat is not None:
+        title += f" (PSIS k-hat {khat:.2f})"
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(top=0.78, bottom=0.18)
+    if not any(ax.get_legend() for ax in fig.axes):
+        fig.axes[0].legend(
+            [line for line in fig.axes[0].get_lines()][:2], ["NUTS p(z | x)", "guide q(z | x)"],
+            fontsize=7,
+        )  # fmt: skip
+    return _save(fig, path)

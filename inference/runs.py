@@ -414,7 +414,8 @@ def prepare_run(config, out: Path, resume: bool, *, overwrite=False, changeable=
 # Every file elbolab writes into a run directory (a test keeps this list complete).
 RUN_FILES = frozenset({
     CONFIG, CHECKPOINT, METRICS, LOCK, "eval.json", "eval_datapoints.npz", "gaps.json", "gaps.png",
-    "diagnose.json", "diagnose.nc", "diagnose_pairs.png", "rbm_eval.json", "rbm_eval.png",
+    "diagnose.json", "diagnose.nc", "diagnose_pairs.png", "diagnose_marginals.png",
+    "rbm_eval.json", "rbm_eval.png",
     "bdmc.json", "bdmc.png", EVALS,
     "iwae_ladder.png", "training.png", "reconstructions.png", "samples.png",
 })  # fmt: skip

@@ -119,3 +119,24 @@ def test_every_figure_says_what_it_shows(tmp_path, figures):
     plots.plot_images([("data", torch.rand(3, 64))], tmp_path / "images.png")
     assert figures[-1].axes[0].get_title(loc="left") == "data"
     assert all((tmp_path / f).stat().st_size > 0 for f in ("ladder.png", "gaps.png", "rbm.png"))
+
+
+def test_the_guide_against_nuts_is_drawn_by_arviz_plots(tmp_path, figures):
+    from arviz_base import from_dict
+
+    nuts = from_dict({"posterior": {"z": np.random.randn(2, 60, 1, 3)}},
+                     dims={"z": ["datapoint", "latent"]}, coords={"datapoint": [5]})  # fmt: skip
+    guide = from_dict({"posterior": {"z": np.random.randn(1, 120, 1, 3) * 0.8}},
+                      dims={"z": ["datapoint", "latent"]}, coords={"datapoint": [5]})  # fmt: skip
+    plots.plot_marginals(nuts, guide, datapoint=5, latents=[0, 2], path=tmp_path / "m.png",
+                         khat=0.81)  # fmt: skip
+    fig = figures[-1]
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["latent z[0]", "latent z[2]"]
+    assert "k-hat 0.81" in fig._suptitle.get_text()
+    assert all(ax.get_xlabel() for ax in panels)
+    legend = [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    assert legend and [t.get_text() for t in legend[0].get_texts()] == [
+        "NUTS p(z | x)",
+        "guide q(z | x)",
+    ]

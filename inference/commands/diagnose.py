@@ -21,7 +21,7 @@ import torch
 
 from .. import diagnostics, provenance
 from ..bounds import iwae_bound
-from ..plots import plot_posterior_pairs
+from ..plots import plot_marginals, plot_posterior_pairs
 from ..reference import ESS_MIN, RHAT_MAX, run_nuts
 from ..runs import RunError, load_run, write_json
 from ..tracing import log_importance_weights, top_latent
@@ -162,6 +162,10 @@ def diagnose_run(
     plot_posterior_pairs(
         flat_nuts.numpy(), z_q.numpy(), chosen, run_dir / "diagnose_pairs.png", khat=khat
     )
+    hardest = int(np.nan_to_num(khat, nan=-1.0).argmax())
+    widest = np.argsort(-nuts_sd[hardest].numpy())[: min(4, nuts_sd.shape[-1])]
+    plot_marginals(tree, guide_tree, datapoint=int(chosen[hardest]), latents=sorted(widest),
+                   path=run_dir / "diagnose_marginals.png", khat=float(khat[hardest]))  # fmt: skip
     write_json(run_dir / DIAGNOSE, report)
     return report
 
