@@ -94,6 +94,9 @@ from .tracing import (
     trace_model,
 )
 
+# The public names (also exported by ``inference`` itself); the rest is internal.
+__all__ = ["annealed_log_marginal", "ais_over_data", "bdmc", "bdmc_joint", "AISEstimate"]
+
 SCHEDULES = ("sigmoid", "linear", "adaptive")
 INITIALS = ("guide", "prior")
 TARGET_CESS = 0.999  # the adaptive schedule's conditional ESS per temperature step

@@ -21,6 +21,9 @@ from .bounds import elbo_bound
 from .objectives import make_objective
 from .tracing import log_importance_weights
 
+# The public names (also exported by ``inference`` itself); the rest is internal.
+__all__ = ["amortization_split"]
+
 
 def amortization_split(
     model,

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+# The public names (also exported by ``inference`` itself); the rest is internal.
+__all__ = ["Bound", "elbo_bound", "iwae_bound"]
+
 MONTE_CARLO = "monte carlo (datapoints fixed)"
 ACROSS_DATAPOINTS = "across datapoints (std / sqrt(N))"
 

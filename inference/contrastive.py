@@ -46,6 +46,9 @@ from .runs import (
 )
 from .training import Trainer, check_finite, choose_shards, fit
 
+# The public names (also exported by ``inference`` itself); the rest is internal.
+__all__ = ["RBMConfig", "train_rbm"]
+
 METHODS = ("cd", "pcd")
 SCHEDULES = ("constant", "linear")
 EXACT_METRIC_UNITS = 20

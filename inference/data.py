@@ -29,6 +29,9 @@ import torch
 from ppl_models import LinearGaussian
 from ppl_models.text import UNK_INDEX
 
+# The public names (also exported by ``inference`` itself); the rest is internal.
+__all__ = ["load_dataset", "Dataset", "DataError"]
+
 TEXT_DATASETS = ("lee", "uci-bow", "text-folder")
 DATASETS = ("digits", "binarized-mnist", "synthetic", *TEXT_DATASETS)
 DATA_ENV = "ELBOLAB_DATA"

@@ -27,6 +27,9 @@ from . import bounds
 from .bounds import Bound
 from .runs import atomic_write
 
+# The public names (also exported by ``inference`` itself); the rest is internal.
+__all__ = ["psis_khat", "importance_ess", "weights_to_datatree", "from_mcmc", "from_guide"]
+
 KHAT_GOOD = 0.5
 KHAT_BAD = 0.7
 # PSIS fits the largest K/5 weights (K <= 225) and needs at least 5 of them.

@@ -27,6 +27,9 @@ from .tracing import (
     weighted_sample,
 )
 
+# The public names (also exported by ``inference`` itself); the rest is internal.
+__all__ = ["evaluate_bounds"]
+
 
 def _prefixed(parts: dict, prefix: str) -> dict:
     return {k.split("/", 1)[1]: v for k, v in parts.items() if k.startswith(prefix + "/")}

@@ -33,6 +33,9 @@ import torch
 from .ais import MIN_ACCEPTANCE, TARGET_CESS, annealed_log_marginal, bdmc_joint
 from .data import DataError, check_npz
 
+# The public names (also exported by ``inference`` itself); the rest is internal.
+__all__ = ["log_evidence", "bayes_factors", "Evidence"]
+
 
 @dataclass(frozen=True)
 class Evidence:

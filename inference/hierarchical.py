@@ -37,6 +37,9 @@ from .tracing import (
     trace_model,
 )
 
+# The public names (also exported by ``inference`` itself); the rest is internal.
+__all__ = ["hierarchical_bounds"]
+
 
 def plug_in_log_marginal(
     model: Callable,

@@ -51,6 +51,9 @@ from .tracing import (
     weighted_sample,
 )
 
+# The public names (also exported by ``inference`` itself); the rest is internal.
+__all__ = ["make_objective"]
+
 OBJECTIVES = ("elbo", "meanfield", "iwae", "dreg", "trace-elbo", "trace-enum-elbo")
 
 

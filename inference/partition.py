@@ -38,6 +38,9 @@ from ppl_models.rbm import sample_bernoulli
 
 from .bounds import log_mean_weight_stderr, logsumexp
 
+# The public names (also exported by ``inference`` itself); the rest is internal.
+__all__ = ["exact_log_partition", "ais_log_partition"]
+
 MAX_EXACT_UNITS = 25
 BETA_SCHEDULES = ("linear", "sm08")
 _SM08_KNOTS = ([0.0, 500 / 14_500, 4_500 / 14_500, 1.0], [0.0, 0.5, 0.9, 1.0])

@@ -17,6 +17,9 @@ from pyro.infer import MCMC, NUTS
 
 from .inspection import PairError
 
+# The public names (also exported by ``inference`` itself); the rest is internal.
+__all__ = ["run_nuts"]
+
 RHAT_MAX = 1.01
 ESS_MIN = 400
 

@@ -32,6 +32,9 @@ from .data import DATASETS, TEXT_DATASETS, Dataset, load_dataset
 from .inspection import check_per_datapoint
 from .objectives import OBJECTIVES
 
+# The public names (also exported by ``inference`` itself); the rest is internal.
+__all__ = ["TrainConfig", "load_run"]
+
 CONFIG = "config.json"
 STATUS = "trained"  # config.json's record of what the run now is (see inference.training)
 MARKER = "elbolab"  # config.json's key for the version of elbolab that wrote the run

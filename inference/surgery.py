@@ -29,6 +29,9 @@ from .bounds import logsumexp
 from .hierarchical import plug_in_log_marginal
 from .tracing import Layout, guess_max_plate_nesting, latent_values, top_latent, trace_guide
 
+# The public names (also exported by ``inference`` itself); the rest is internal.
+__all__ = ["aggregate_posterior_terms", "active_units"]
+
 ACTIVE_THRESHOLD = 0.01
 
 

@@ -43,6 +43,9 @@ from .inspection import (
     refuse_joint_log_mean,
 )
 
+# The public names (also exported by ``inference`` itself); the rest is internal.
+__all__ = ["log_importance_weights", "elbo_decomposition"]
+
 PARTICLE_PLATE = "_elbolab_particles"
 
 
