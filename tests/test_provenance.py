@@ -348,3 +348,13 @@ def test_version_and_threads_and_rbm_evaluate_no_progress(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", str(rbm), "--threads", "0"])
     assert "expected at least 1 thread" in capsys.readouterr().err
+
+
+def test_a_damaged_evaluation_is_left_out_with_a_warning_while_the_others_compare(run, tmp_path):
+    assert main(["evaluate", str(run), *EVAL]) == 0
+    assert main(["evaluate", str(run), "--limit", "20", *EVAL]) == 0
+    (run / "evals" / "test-first20-k5.json").write_text("{ truncated")
+    with pytest.warns(UserWarning, match="test-first20-k5.json is damaged.*left out"):
+        assert main(["compare", str(run), "--out", str(tmp_path / "cmp")]) == 0
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert result["runs"][0]["evaluation"] == "test-k5"

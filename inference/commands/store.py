@@ -21,6 +21,7 @@ import json
 import math
 import re
 import time
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -199,25 +200,34 @@ def read_report(path: Path) -> dict:
 
 
 def evaluations(run_dir: Path) -> dict[str, dict]:
-    """Every evaluation of ``run_dir`` by name, oldest first.
+    """Every readable evaluation of ``run_dir`` by name, oldest first.
 
-    A run evaluated only by an older elbolab has its ``eval.json`` under the
-    name ``eval`` (no provenance: :func:`inference.provenance.stale` says so).
+    A damaged report is left out with a warning that names it (a run keeps
+    its other evaluations); when none is left, the damage is the error. A run
+    evaluated only by an older elbolab has its ``eval.json`` under the name
+    ``eval`` (no provenance: :func:`inference.provenance.stale` says so).
     """
     run_dir = Path(run_dir)
     folder = run_dir / EVALS
-    found = {}
+    found, damaged = {}, []
     paths = (
         sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
     )
     for path in paths:
         if path.is_file() and not path.name.startswith("."):
-            found[path.stem] = read_report(path)
-    if not found and (run_dir / EVAL).is_file():
+            try:
+                found[path.stem] = read_report(path)
+            except RunError as err:
+                damaged.append(str(err))
+    if not found and not damaged and (run_dir / EVAL).is_file():
         report = read_report(run_dir / EVAL)
         found[report.get("name", "eval")] = report
+    if not found and damaged:
+        raise RunError(damaged[0])
     if not found:
         raise RunError(f"{run_dir} has no evaluation: run elbolab evaluate {run_dir} first")
+    for problem in damaged:
+        warnings.warn(f"{problem}; that evaluation is left out", stacklevel=2)
     return found
 
 
