@@ -117,8 +117,7 @@ class Bound:
     @property
     def datapoint_stderr(self) -> float:
         """Standard error of the average from the spread over datapoints, std / sqrt(N)."""
-        n = self.value.numel()
-        return float(self.value.double().std() / math.sqrt(n)) if n > 1 else math.inf
+        return across_datapoints(self.value.double())["stderr"]
 
     def to_xarray(self, name: str = "bound"):
         """The per-datapoint values and errors as an ``xarray.Dataset`` (dim ``datapoint``).
